@@ -1,0 +1,196 @@
+"""The ``skinsweep`` command line. Thin: each command parses options and calls one library function.
+
+User errors (:class:`skinsweep.errors.SkinsweepError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from skinsweep.errors import ConfigError, SkinsweepError
+
+app = typer.Typer(help="Sweeps and ensembles of melanoma classifiers for dermoscopic images.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Datasets: synthesise, split, cache and inspect.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn SkinsweepError into one red line on stderr and exit status 2; Ctrl-C into status 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SkinsweepError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# ---- shared options -------------------------------------------------------------------------------
+PositiveOpt = typer.Option("MEL", "--positive", help="Diagnosis codes counted as melanoma (label 1), comma-separated.")
+SkipBadOpt = typer.Option(False, "--skip-bad", help="Drop missing, unlisted or undecodable images (and list them) instead of failing.")
+FormatOpt = typer.Option("auto", "--format", help="Dataset layout: auto, isic, ham or csv.")
+WorkersOpt = typer.Option(None, "--workers", help="Worker processes (default: all cores).")
+
+
+def _positive(text: str) -> list[str]:
+    return [p for p in text.split(",") if p.strip()]
+
+
+def _index(root: Path, positive: str, skip_bad: bool, fmt: str, workers: Optional[int]):
+    from skinsweep.data.index import load_index
+
+    index = load_index(root, fmt=fmt, positive=_positive(positive), skip_bad=skip_bad, workers=workers,
+                       progress=True)
+    if index.bad:
+        err.print(f"[yellow]warning:[/] dropped {len(index.bad)} images (--skip-bad): "
+                  + "; ".join(f"{b['image_id']} ({b['reason']})" for b in index.bad[:5])
+                  + (" …" if len(index.bad) > 5 else ""), highlight=False)
+    return index
+
+
+def _split_table(summary) -> Table:
+    t = Table(title=None)
+    for c in ("split", "images", "melanoma", "prevalence", "lesions"):
+        t.add_column(c, justify="left" if c == "split" else "right")
+    for name, r in summary.iterrows():
+        t.add_row(name, f"{int(r['images']):,}", f"{int(r['melanoma']):,}", f"{100 * r['prevalence']:.1f}%",
+                  "-" if r["lesions"] is None or r["lesions"] != r["lesions"] else f"{int(r['lesions']):,}")
+    return t
+
+
+def _leak_line(mode: str, leaked: int) -> str:
+    if leaked == 0:
+        return "[green]leakage check: no lesion has images in two splits[/]"
+    note = " (image mode does not group by lesion — use it only to reproduce the reference study)" if mode == "image" else ""
+    return f"[bold yellow]leakage check: {leaked:,} lesions have images in more than one split{note}[/]"
+
+
+# ---- data commands --------------------------------------------------------------------------------
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder to write (ISIC 2018 Task 3 layout)."),
+    n: int = typer.Option(2000, "--n", help="Number of images."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
+    size: str = typer.Option("600x450", "--size", help="Image size WIDTHxHEIGHT (the release is 600x450)."),
+    like: Optional[Path] = typer.Option(None, "--like", help="Copy ids, lesions and diagnoses from a real HAM10000_metadata.csv."),
+    official: bool = typer.Option(False, "--official", help="Also write Validation and Test folders (for --mode official)."),
+    workers: Optional[int] = WorkersOpt,
+) -> None:
+    """Write a synthetic dermoscopy dataset in the ISIC 2018 Task 3 layout (with HAM10000 metadata)."""
+    from skinsweep.data.synth import synthesize
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size {size!r} is not WIDTHxHEIGHT; use e.g. 600x450") from None
+    s = synthesize(out_dir, n, seed=seed, size=(w, h), like=like, official=official, workers=workers, progress=True)
+    out.print(f"wrote {s.n_images:,} images ({s.n_melanoma:,} melanoma, {s.n_lesions:,} lesions) to {s.out}")
+
+
+@data_app.command("split")
+@user_errors
+def data_split(
+    root: Path = typer.Argument(..., metavar="DIR", help="Dataset folder (ISIC / HAM10000 layout) or CSV file."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Manifest path (default: in the skinsweep cache, see README)."),
+    mode: str = typer.Option("grouped", "--mode", help="grouped (by lesion), image (reference study, leaks lesions) or official."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    fractions: str = typer.Option("0.7,0.15,0.15", "--fractions", help="train,val,test fractions."),
+    positive: str = PositiveOpt,
+    skip_bad: bool = SkipBadOpt,
+    fmt: str = FormatOpt,
+    workers: Optional[int] = WorkersOpt,
+) -> None:
+    """Split a dataset into train/val/test and save the manifest (Parquet, with its content hash)."""
+    from skinsweep.data.split import default_split_path, make_split
+
+    index = _index(root, positive, skip_bad, fmt, workers)
+    fr = fractions.split(",")
+    manifest = make_split(index, mode=mode, fractions=fr, seed=seed)
+    path = manifest.save(out_file or default_split_path(index, mode, seed, fr))
+    out.print(_split_table(manifest.summary()))
+    out.print(_leak_line(mode, manifest.meta["leaked_lesions"]))
+    if mode == "image":
+        err.print("[yellow]warning:[/] image mode splits images, not lesions: test scores will be optimistic")
+    out.print(f"split {manifest.hash} ({mode}, seed {seed}) → {path}")
+
+
+@data_app.command("cache")
+@user_errors
+def data_cache(
+    root: Path = typer.Argument(..., metavar="DIR", help="Dataset folder or CSV file."),
+    size: int = typer.Option(224, "--size", help="Side of the cached square images, in pixels."),
+    policy: str = typer.Option("squash", "--policy", help="squash (whole frame to a square) or center-crop."),
+    positive: str = PositiveOpt,
+    skip_bad: bool = SkipBadOpt,
+    fmt: str = FormatOpt,
+    workers: Optional[int] = WorkersOpt,
+) -> None:
+    """Decode and resize every image once into the image cache (reused by every epoch and trial)."""
+    from skinsweep.data.cache import build_cache
+
+    index = _index(root, positive, skip_bad, fmt, workers)
+    cache = build_cache(index, size=size, policy=policy, workers=workers, progress=True)
+    mb = cache.images.nbytes / 2**20
+    out.print(f"image cache: {len(cache):,} images at {size}×{size} ({policy}), {mb:,.0f} MiB → {cache.path}")
+
+
+@data_app.command("inspect")
+@user_errors
+def data_inspect(
+    root: Path = typer.Argument(..., metavar="DIR", help="Dataset folder or CSV file."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Split manifest (default: the default grouped split)."),
+    positive: str = PositiveOpt,
+    skip_bad: bool = SkipBadOpt,
+    fmt: str = FormatOpt,
+    workers: Optional[int] = WorkersOpt,
+) -> None:
+    """Counts per class and split, lesions per split, a leakage check and image sizes."""
+    from skinsweep.data.report import describe
+    from skinsweep.data.split import get_or_create_split
+
+    index = _index(root, positive, skip_bad, fmt, workers)
+    manifest, path, _ = get_or_create_split(index, split_path=split)
+    r = describe(index, manifest)
+    lesions = f" from {r.n_melanoma_lesions:,} lesions" if r.n_melanoma_lesions is not None else ""
+    total_l = f", {r.n_lesions:,} lesions" if r.n_lesions is not None else ", no lesion ids"
+    out.print(f"[bold]{index.root}[/] ({index.fmt}): {r.n_images:,} images{total_l}; "
+              f"{r.n_melanoma:,} melanomas ({100 * r.n_melanoma / r.n_images:.1f}%){lesions}")
+    t = Table(title="images per diagnosis and split")
+    for c in ("dx", "label", "train", "val", "test", "all"):
+        t.add_column(c, justify="left" if c == "dx" else "right")
+    for dx, row in r.classes.iterrows():
+        t.add_row(str(dx), str(row["label"]), *(f"{row[c]:,}" for c in ("train", "val", "test", "all")))
+    out.print(t)
+    out.print(_split_table(r.splits))
+    out.print(_leak_line(r.split_mode, r.leaked_lesions))
+    s = r.sizes
+    out.print(f"image sizes: width {s.loc['width', 'min']}–{s.loc['width', 'max']} (median {s.loc['width', 'median']:g}), "
+              f"height {s.loc['height', 'min']}–{s.loc['height', 'max']} (median {s.loc['height', 'median']:g}); "
+              "most common " + ", ".join(f"{k} ×{v:,}" for k, v in r.common_sizes.head(3).items()))
+    out.print(f"split {r.split_hash} ({r.split_mode}) from {path}")
+
+
+def main() -> None:  # pragma: no cover - console-script entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

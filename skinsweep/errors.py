@@ -1,0 +1,31 @@
+"""One exception family for everything a user can get wrong.
+
+Every message is a single line that names the file / field / image involved and says how to fix it
+(scikit-learn style: what was asked, what was found, what to do). The CLI prints these without a
+traceback and exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SkinsweepError(Exception):
+    """Base class for user-facing errors (bad input, bad config, missing weights...)."""
+
+
+class DataError(SkinsweepError):
+    """A dataset folder, label file, image or split manifest is missing or malformed."""
+
+
+class ConfigError(SkinsweepError):
+    """A recipe, CLI option or other configuration value is invalid."""
+
+
+class BackboneError(SkinsweepError):
+    """An unknown backbone name, or weights that cannot be loaded."""
+
+
+def short_list(items, n: int = 5) -> str:
+    """Render the first ``n`` items and a count of the rest: ``a, b, c (+12 more)``."""
+    items = [str(i) for i in items]
+    head = ", ".join(items[:n])
+    return head + (f" (+{len(items) - n} more)" if len(items) > n else "")
