@@ -1,0 +1,568 @@
+"""Backbone registry: image feature extractors that travel with their preprocessing.
+
+Modelled on timm's ``_registry.py`` / ``create_model``: a dict of builder functions filled by a
+decorator, and one factory::
+
+    bb = create_backbone("dino_vits16")                 # pretrained, from the HF cache
+    bb = create_backbone("tiny_vit")                    # random-init test model (weights="none")
+    bb = create_backbone("resnet18", weights="ft.safetensors", drop_path_rate=None)
+    feats = bb.model(x)                                 # x: float (B, 3, S, S) -> (B, bb.num_features)
+    bb.data_config                                      # size, mean/std, crop: transforms come from it
+
+Names: the registered ones (``list_backbones()``), plus any timm or open_clip model by prefix:
+``timm:<arch>[.<tag>]`` (timm's own naming, e.g. ``timm:resnet10t``) and
+``open_clip:<arch>[@<tag>]`` (e.g. ``open_clip:ViT-L-14@openai``). The open_clip pretrained tag is
+part of the *name* (not of ``weights``) because, like timm's ``.tag``, it selects the model's
+activation (QuickGELU) and preprocessing, not just a file; ``weights`` then means the same for
+every backbone:
+
+* ``"hub"``: pretrained weights from the model hub via timm / open_clip, through the Hugging Face
+  cache; honours ``HF_HUB_OFFLINE`` (read when the weights are requested, not only at import).
+* ``"none"``: random initialisation (the default, and the only non-file option, for ``tiny_*``).
+* a path: a ``.safetensors`` file, or a torch state dict loaded with ``weights_only=True`` (never
+  unpickles arbitrary objects). Keys may carry a prefix (``model.``, ``visual.``, ``module.``,
+  ``backbone.`` ...): the prefix under which most tensors match the model is used and the rest of
+  the file is ignored (e.g. a full CLIP checkpoint's text tower, or a classifier's head). The
+  timm architecture's own classifier (``fc``/``head``/``classifier``, e.g. ImageNet's) is
+  dropped. Otherwise keys and shapes must match exactly.
+
+Overrides (keyword arguments of ``create_backbone``) follow timm: ``None`` means "keep the
+default" and is dropped. Keys naming a ``DataConfig`` field (``input_size``, ``mean``, ``std``,
+``interpolation``, ``crop_pct``, ``crop_mode``) change the data config; for ViT / CLIP models
+``input_size`` also sets the model's image size (the only way to do so). All other keys go to the
+model constructor: ``timm.create_model`` kwargs, or ``CLIPVisionCfg`` fields for open_clip models.
+
+Models are returned in ``eval()`` mode on the CPU; the trainer switches to ``train()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from skinsweep.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from skinsweep.errors import BackboneError, short_list
+
+__all__ = [
+    "Backbone",
+    "backbone_from_spec",
+    "create_backbone",
+    "list_backbones",
+    "register_backbone",
+    "save_backbone_weights",
+]
+
+Family = Literal["cnn", "vit", "clip"]
+Head = Literal["linear", "mlp"]
+
+_DATA_KEYS = frozenset(f.name for f in dataclasses.fields(DataConfig))
+_PREFIX_HINT = "or use 'timm:<model>' / 'open_clip:<model>@<tag>' for any timm / open_clip model"
+
+
+@dataclass
+class Backbone:
+    """A feature extractor plus everything needed to feed it and to rebuild it.
+
+    ``model(x)`` maps float ``(B, 3, S, S)`` (normalised as ``data_config`` says,
+    ``S = data_config.input_size``) to ``(B, num_features)``.
+    """
+
+    model: nn.Module
+    num_features: int
+    data_config: DataConfig
+    name: str
+    family: Family
+    weights: str  # "hub", "none" or an absolute file path: what create_backbone accepts
+    default_head: Head  # the head the reference study used for this family
+    source: str = ""  # the library model behind it, e.g. "timm/resnet18.tv_in1k"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-safe description; ``backbone_from_spec(bb.spec())`` rebuilds the same backbone."""
+        spec = {
+            "name": self.name,
+            "weights": self.weights,
+            "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in self.overrides.items()},
+            "source": self.source,
+            "data_config": self.data_config.to_dict(),
+        }
+        try:
+            json.dumps(spec)
+        except TypeError as e:
+            raise BackboneError(
+                f"backbone {self.name!r} has an override that cannot be recorded as JSON ({e}); "
+                "pass plain values (numbers, strings, lists) as overrides"
+            ) from None
+        return spec
+
+
+# ----------------------------------------------------------------------------- registry
+
+Builder = Callable[..., Backbone]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    builder: Builder
+    pretrained: bool  # has hub weights (default weights="hub") or is a random-init test model
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_backbone(name: str, *, pretrained: bool = True) -> Callable[[Builder], Builder]:
+    """Decorator registering ``builder(name, *, weights, **overrides) -> Backbone`` under ``name``.
+
+    ``pretrained=False`` marks a random-init model: its default weights are ``"none"`` and
+    ``weights="hub"`` is refused.
+    """
+
+    def decorator(builder: Builder) -> Builder:
+        if name in _REGISTRY or ":" in name:
+            raise ValueError(f"backbone name {name!r} is already registered or contains ':'")
+        _REGISTRY[name] = _Entry(builder, pretrained)
+        return builder
+
+    return decorator
+
+
+def list_backbones() -> list[str]:
+    """Sorted names of the registered backbones (prefix names ``timm:``/``open_clip:`` also work)."""
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str, *, weights: str | None = None, **overrides: Any) -> Backbone:
+    """Build backbone ``name`` with ``weights`` ("hub", "none" or a file path; None: the backbone's
+    default, "hub" for pretrained ones and "none" for ``tiny_*``). See the module docstring."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # None = keep the default
+    prefix, _, rest = name.partition(":")
+    if rest and prefix in _PREFIX_BUILDERS:
+        builder, pretrained = _PREFIX_BUILDERS[prefix], True
+    elif name in _REGISTRY:
+        builder, pretrained = _REGISTRY[name].builder, _REGISTRY[name].pretrained
+    else:
+        close = difflib.get_close_matches(name.lower(), list_backbones(), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise BackboneError(
+            f"unknown backbone {name!r}; {hint}valid names are {short_list(list_backbones(), 20)} "
+            f"(skinsweep.backbones.list_backbones()), {_PREFIX_HINT}"
+        )
+    weights = _normalise_weights(name, weights, pretrained)
+    backbone = builder(name, weights=weights, **overrides)
+    return dataclasses.replace(backbone, name=name, weights=weights, overrides=overrides)
+
+
+def backbone_from_spec(spec: Mapping[str, Any], *, weights: str | None = None) -> Backbone:
+    """Rebuild a backbone from ``Backbone.spec()``; ``weights`` replaces the recorded source (e.g. the
+    weights file inside a bundle). The recorded data config is authoritative: it is what the model
+    was trained with, even if a library default has changed since."""
+    missing = {"name", "weights", "overrides", "data_config"} - set(spec)
+    if missing:
+        raise BackboneError(f"backbone spec lacks {sorted(missing)}; write it with Backbone.spec()")
+    backbone = create_backbone(spec["name"], weights=weights or spec["weights"], **spec["overrides"])
+    return dataclasses.replace(backbone, data_config=DataConfig.from_dict(spec["data_config"]))
+
+
+def save_backbone_weights(backbone: Backbone, path: str | Path) -> Path:
+    """Write ``backbone.model``'s state dict to a ``.safetensors`` file (spec in the metadata)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise BackboneError(f"save_backbone_weights writes safetensors; name the file *.safetensors, "
+                            f"got {path}")
+    from safetensors.torch import save_file
+
+    # clone: safetensors refuses tensors sharing storage (tied or viewed weights)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in backbone.model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"skinsweep_backbone": json.dumps(backbone.spec())})
+    return path
+
+
+def _normalise_weights(name: str, weights: str | None, pretrained: bool) -> str:
+    if weights is None:
+        return "hub" if pretrained else "none"
+    if weights == "none":
+        return weights
+    if weights == "hub":
+        if not pretrained:
+            raise BackboneError(
+                f"backbone {name!r} is a random-init test model without hub weights; "
+                "use weights='none' or weights=PATH to a local file"
+            )
+        return weights
+    if weights.startswith("hub:"):
+        raise BackboneError(
+            f"weights={weights!r} is not supported; put the open_clip pretrained tag in the name, "
+            f"e.g. 'open_clip:ViT-B-32@openai', and use weights='hub'"
+        )
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise BackboneError(
+            f"weights={weights!r} for backbone {name!r} is neither 'hub', 'none' nor an existing file; "
+            "pass a .safetensors or .pt state dict path"
+        )
+    return str(path.resolve())
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _split_overrides(overrides: dict[str, Any], size_kwarg: str) -> tuple[dict, dict]:
+    """-> (DataConfig overrides, model constructor kwargs)."""
+    if size_kwarg in overrides:
+        raise BackboneError(f"override {size_kwarg}= is not accepted; set input_size= instead "
+                            "(it sets both the model and its data config)")
+    data = {k: v for k, v in overrides.items() if k in _DATA_KEYS}
+    return data, {k: v for k, v in overrides.items() if k not in _DATA_KEYS}
+
+
+@contextlib.contextmanager
+def _hub_download(name: str, source: str) -> Iterator[None]:
+    """Turn a failed hub download into one BackboneError line; honour HF_HUB_OFFLINE set at runtime.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, at import; a notebook or test that sets it later
+    would otherwise still wait ~45 s on network retries.
+    """
+    import huggingface_hub.constants as hf_constants
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    saved = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    except OSError as e:  # huggingface_hub's LocalEntryNotFoundError / OfflineModeIsEnabled, sockets
+        why = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else type(e).__name__
+        raise BackboneError(
+            f"pretrained weights for backbone {name!r} ({source}) could not be downloaded or found in "
+            f"the Hugging Face cache ({why}); pass weights=PATH to a local .safetensors/.pt file, or "
+            "pre-populate the HF cache (HF_HOME), e.g. by creating it once online with HF_HUB_OFFLINE unset"
+        ) from e
+    finally:
+        hf_constants.HF_HUB_OFFLINE = saved
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch state dict (``weights_only=True``)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors / pickle / zip errors have no common base class
+        kind = "safetensors" if path.endswith(".safetensors") else "torch state dict (weights_only=True)"
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise BackboneError(f"weights file {path} could not be read as a {kind}: {reason}") from e
+    # training checkpoints often nest the weights: {"state_dict": {...}, "epoch": ...}
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BackboneError(f"weights file {path} does not hold a state dict (a mapping of names to "
+                            "tensors); save one with save_backbone_weights() or "
+                            "torch.save(model.state_dict())")
+    return dict(obj)
+
+
+def _load_weights_file(model: nn.Module, path: str, *, name: str, drop: tuple[str, ...] = ()) -> None:
+    """Load ``path`` into ``model`` strictly, after finding the key prefix (see module docstring).
+
+    ``drop``: key prefixes (e.g. timm's classifier ``"fc."``) whose tensors may be in the file but
+    not in the feature extractor.
+    """
+    state = _read_state_dict(path)
+    expected = model.state_dict()
+    # Count, for each candidate prefix, how many file keys become model keys once it is removed.
+    votes: Counter[str] = Counter()
+    for key in state:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in expected:
+                votes[".".join(parts[:i]) + ("." if i else "")] += 1
+    if not votes:
+        raise BackboneError(
+            f"weights file {path} does not fit backbone {name!r}: none of its {len(state)} keys "
+            f"({short_list(state, 3)}) match the model's ({short_list(expected, 3)}); "
+            "is it a checkpoint of this architecture?"
+        )
+    prefix = max(votes, key=lambda p: (votes[p], -len(p)))
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    unexpected = [k for k in state if k not in expected and not k.startswith(drop)]
+    # BatchNorm's counter is absent from many checkpoints and never affects outputs
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise BackboneError(
+            f"weights file {path} does not fit backbone {name!r} (key prefix {prefix!r}): "
+            f"{len(missing)} missing key(s) [{short_list(missing, 3)}], "
+            f"{len(unexpected)} unexpected [{short_list(unexpected, 3)}], "
+            f"{len(wrong)} shape mismatch(es) file vs model [{short_list(wrong, 2)}]; "
+            "use a checkpoint of the same architecture and input_size (e.g. from save_backbone_weights())"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+# ----------------------------------------------------------------------------- timm family
+
+
+def _timm_backbone(
+    name: str,
+    make: Callable[..., nn.Module],
+    *,
+    weights: str,
+    overrides: dict[str, Any],
+    family: Family,
+    source: str,
+    data_config: DataConfig | None = None,
+    data_defaults: Mapping[str, Any] | None = None,
+) -> Backbone:
+    """Shared path of every timm model (real or tiny).
+
+    ``make(**kwargs)`` builds the model with ``num_classes=0`` (so forward returns pooled
+    features); ``data_config`` None means timm's own config for the model's pretrained tag,
+    then ``data_defaults`` and the user's data overrides are applied in that order.
+    """
+    data_over, model_kw = _split_overrides(overrides, "img_size")
+    if family == "vit" and "input_size" in data_over:
+        model_kw["img_size"] = data_over["input_size"]
+    hub = contextlib.nullcontext() if weights != "hub" else _hub_download(name, source)
+    try:
+        with hub:
+            model = make(**model_kw)
+    except TypeError as e:
+        if not model_kw:
+            raise
+        raise BackboneError(f"backbone {name!r} ({source}) does not accept override(s) "
+                            f"{sorted(model_kw)}: {e}") from e
+    if weights not in ("hub", "none"):
+        # timm checkpoints carry their classifier (e.g. ImageNet's fc); with num_classes=0 it is an
+        # Identity, so its tensors in the file are dropped. Found by identity, not by name, since
+        # it is "fc", "head", "head.fc" or "classifier" depending on the architecture.
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        drop = tuple(f"{n}." for n, m in model.named_modules() if n and m is head)
+        _load_weights_file(model, weights, name=name, drop=drop)
+
+    if data_config is None:
+        from timm.data import resolve_data_config
+
+        data_config = DataConfig.from_timm(resolve_data_config(model=model))
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if size:  # timm's pretrained cfg keeps the tag's size even when img_size was changed
+            data_config = dataclasses.replace(data_config, input_size=int(size[0]))
+    data_config = dataclasses.replace(data_config, **{**(data_defaults or {}), **data_over})
+    num_features = getattr(model, "head_hidden_size", None) or model.num_features
+    return Backbone(model=model.eval(), num_features=int(num_features), data_config=data_config,
+                    name=name, family=family, weights=weights,
+                    default_head="linear", source=source)
+
+
+# Built-in registrations use crop_pct=1.0: the image cache already holds the lesion at the model's
+# input size, so no resize or border crop happens (timm's usual 0.875 would cut off the rim).
+_FIT_CACHE: Mapping[str, Any] = {"crop_pct": 1.0}
+
+
+def _timm_pretrained(name: str, arch: str, weights: str, overrides: dict[str, Any], *,
+                     family: Family | None = None, model_defaults: Mapping[str, Any] | None = None,
+                     data_defaults: Mapping[str, Any] | None = _FIT_CACHE) -> Backbone:
+    """A model of timm's registry by ``arch[.tag]``; ``family`` None: "vit" for models with a fixed
+    input size (timm's ``fixed_input_size``: ViT, DeiT, Swin, EVA ...), else "cnn"."""
+    import timm
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise BackboneError(f"timm has no model {arch!r} (backbone {name!r}); {hint}see timm.list_models()")
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if weights == "hub" and cfg is None:
+        raise BackboneError(f"timm has no pretrained weights for {arch!r}; use weights='none' or a file")
+    if family is None:
+        family = "vit" if cfg is not None and cfg.fixed_input_size else "cnn"
+
+    def make(**kw: Any) -> nn.Module:
+        kw = {**(model_defaults or {}), **kw}
+        return timm.create_model(arch, pretrained=weights == "hub", num_classes=0, **kw)
+
+    return _timm_backbone(name, make, weights=weights, overrides=overrides, family=family,
+                          source=f"timm/{arch}", data_defaults=data_defaults)
+
+
+@register_backbone("resnet18")
+def resnet18(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """ResNet-18, torchvision ImageNet weights (the reference study's CNN); 512 features."""
+    return _timm_pretrained(name, "resnet18.tv_in1k", weights, overrides)
+
+
+@register_backbone("dino_vits16")
+def dino_vits16(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """DINO ViT-S/16 (self-supervised ImageNet-1k); 384 features. timm's cfg says crop_pct 0.9,
+    but the reference study used a plain bicubic resize to 224, hence crop_pct=1.0."""
+    return _timm_pretrained(name, "vit_small_patch16_224.dino", weights, overrides)
+
+
+@register_backbone("dinov2_vits14")
+def dinov2_vits14(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """DINOv2 ViT-S/14; 384 features. Built at 224 (16x16 patches) rather than timm's 518, to
+    share the 224 image cache; timm resamples the position embedding when loading hub weights."""
+    return _timm_pretrained(name, "vit_small_patch14_dinov2.lvd142m", weights, overrides,
+                            model_defaults={"img_size": 224})
+
+
+@register_backbone("efficientnet_b0")
+def efficientnet_b0(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """EfficientNet-B0 (timm RandAugment ImageNet weights); 1280 features."""
+    return _timm_pretrained(name, "efficientnet_b0.ra_in1k", weights, overrides)
+
+
+@register_backbone("convnext_tiny")
+def convnext_tiny(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """ConvNeXt-T (ImageNet-12k, fine-tuned on 1k); 768 features."""
+    return _timm_pretrained(name, "convnext_tiny.in12k_ft_in1k", weights, overrides)
+
+
+def _timm_prefixed(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """``timm:<arch>[.<tag>]``: any timm model, with timm's own data config (crop_pct included)."""
+    return _timm_pretrained(name, name.partition(":")[2], weights, overrides, data_defaults=None)
+
+
+@register_backbone("tiny_resnet", pretrained=False)
+def tiny_resnet(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """timm ``ResNet`` (resnet18's class and BasicBlock), one block per stage, 8..64 channels, 32 px
+    (the five stride-2 stages end on a 1x1 map, enough for smoke tests and the fastest to run)."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    def make(**kw: Any) -> nn.Module:
+        kw = {"block": BasicBlock, "layers": (1, 1, 1, 1), "channels": (8, 16, 32, 64),
+              "stem_width": 8, "num_classes": 0, **kw}
+        return ResNet(**kw)
+
+    config = DataConfig(input_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0)
+    return _timm_backbone(name, make, weights=weights, overrides=overrides, family="cnn",
+                          source="timm/ResNet(BasicBlock,1-1-1-1,8-64ch)", data_config=config)
+
+
+@register_backbone("tiny_vit", pretrained=False)
+def tiny_vit(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """timm ``VisionTransformer`` (DINO's class): 32 px, patch 8, width 64, depth 2, 2 heads."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    def make(**kw: Any) -> nn.Module:
+        kw = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
+              "num_classes": 0, **kw}
+        return VisionTransformer(**kw)
+
+    config = DataConfig(input_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0)
+    return _timm_backbone(name, make, weights=weights, overrides=overrides, family="vit",
+                          source="timm/VisionTransformer(32px,p8,w64,d2)", data_config=config)
+
+
+# ----------------------------------------------------------------------------- open_clip family
+
+
+def _clip_backbone(name: str, source: str, model_cfg: dict[str, Any], tag_cfg: Mapping[str, Any],
+                   *, weights: str, overrides: dict[str, Any],
+                   download: Callable[[], str] | None = None) -> Backbone:
+    """Shared path of every open_clip image tower (real or tiny).
+
+    Only the vision tower is built, with open_clip's own ``_build_vision_tower`` (what
+    ``CLIP.__init__`` calls for ``model.visual``), so no text tower is allocated. Hub weights are
+    the open_clip checkpoint file (fetched by ``download``), loaded like a local file: its
+    ``visual.`` prefix selects the image tower.
+    """
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    data_over, model_kw = _split_overrides(overrides, "image_size")
+    valid = {f.name for f in dataclasses.fields(CLIPVisionCfg)}
+    unknown = sorted(set(model_kw) - valid)
+    if unknown:
+        raise BackboneError(f"backbone {name!r} does not accept override(s) {unknown}; open_clip "
+                            f"vision options are {short_list(sorted(valid - {'image_size'}), 8)}")
+    vision_cfg = {**model_cfg["vision_cfg"], **model_kw}
+    if "input_size" in data_over:
+        vision_cfg["image_size"] = data_over["input_size"]
+    path = weights
+    if weights == "hub":  # fetch first: fail fast, before allocating the model
+        assert download is not None, "pretrained open_clip backbones pass a download function"
+        with _hub_download(name, source):
+            path = download()
+    # OpenAI weights were trained with QuickGELU; open_clip records that on the tag, not the arch.
+    quick_gelu = bool(model_cfg.get("quick_gelu") or tag_cfg.get("quick_gelu"))
+    visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=quick_gelu)
+    if path not in ("hub", "none"):
+        _load_weights_file(visual, path, name=name)
+
+    pre = merge_preprocess_dict(PreprocessCfg(), dict(tag_cfg))
+    pre["size"] = vision_cfg.get("image_size", 224)
+    data_config = dataclasses.replace(DataConfig.from_open_clip(pre), **data_over)
+    return Backbone(model=visual.eval(), num_features=int(model_cfg["embed_dim"]),
+                    data_config=data_config, name=name, family="clip", weights=weights,
+                    default_head="mlp", source=source)
+
+
+def _open_clip_pretrained(name: str, arch: str, tag: str | None, weights: str,
+                          overrides: dict[str, Any]) -> Backbone:
+    import open_clip
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise BackboneError(f"open_clip has no model {arch!r} (backbone {name!r}); {hint}"
+                            "see open_clip.list_models()")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if (tag is not None and tag not in tags) or (tag is None and weights == "hub"):
+        raise BackboneError(f"backbone {name!r} needs a pretrained tag of {arch}: "
+                            f"'open_clip:{arch}@<tag>' with tag one of {short_list(tags, 8)}")
+    tag_cfg = get_pretrained_cfg(arch, tag) if tag else {}
+    return _clip_backbone(name, f"open_clip/{arch}@{tag}" if tag else f"open_clip/{arch}",
+                          model_cfg, tag_cfg, weights=weights, overrides=overrides,
+                          download=lambda: str(download_pretrained(tag_cfg)))
+
+
+@register_backbone("clip_vitb32")
+def clip_vitb32(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """CLIP ViT-B/32 image tower, OpenAI weights (the reference study's CLIP); 512 features.
+    Data config: 224, bicubic, centre crop, crop_pct 1.0, CLIP mean/std (open_clip's own)."""
+    return _open_clip_pretrained(name, "ViT-B-32", "openai", weights, overrides)
+
+
+@register_backbone("clip_vitl14")
+def clip_vitl14(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """CLIP ViT-L/14 image tower, OpenAI weights; 768 features."""
+    return _open_clip_pretrained(name, "ViT-L-14", "openai", weights, overrides)
+
+
+def _open_clip_prefixed(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """``open_clip:<arch>[@<tag>]``: any open_clip model's image tower."""
+    arch, _, tag = name.partition(":")[2].partition("@")
+    return _open_clip_pretrained(name, arch, tag or None, weights, overrides)
+
+
+@register_backbone("tiny_clip", pretrained=False)
+def tiny_clip(name: str, *, weights: str, **overrides: Any) -> Backbone:
+    """open_clip ``VisionTransformer`` (ViT-B-32's image tower class, QuickGELU like OpenAI's):
+    32 px, patch 8, width 64, 2 layers, 2 heads, 32 features, CLIP mean/std."""
+    model_cfg = {"embed_dim": 32, "quick_gelu": True,
+                 "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2,
+                                "head_width": 32}}
+    tag_cfg = {"mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
+    return _clip_backbone(name, "open_clip/VisionTransformer(32px,p8,w64,l2)", model_cfg, tag_cfg,
+                          weights=weights, overrides=overrides)
+
+
+_PREFIX_BUILDERS: dict[str, Builder] = {"timm": _timm_prefixed, "open_clip": _open_clip_prefixed}
