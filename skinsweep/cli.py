@@ -12,6 +12,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from skinsweep.errors import ConfigError, SkinsweepError
@@ -21,8 +22,9 @@ app = typer.Typer(help="Sweeps and ensembles of melanoma classifiers for dermosc
 data_app = typer.Typer(help="Datasets: synthesise, split, cache and inspect.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-out = Console()
-err = Console(stderr=True)
+# Tables are wide: outside a terminal (pipes, CI logs) rich would wrap them at 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -33,7 +35,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except SkinsweepError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -186,6 +188,97 @@ def data_inspect(
               f"height {s.loc['height', 'min']}–{s.loc['height', 'max']} (median {s.loc['height', 'median']:g}); "
               "most common " + ", ".join(f"{k} ×{v:,}" for k, v in r.common_sizes.head(3).items()))
     out.print(f"split {r.split_hash} ({r.split_mode}) from {path}")
+
+
+# ---- training -------------------------------------------------------------------------------------
+@app.command("train")
+@user_errors
+def train(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (ISIC / HAM10000 layout) or CSV file."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder for predictions, checkpoint and summary."),
+    backbone: str = typer.Option("resnet18", "--backbone", help="Backbone name (see `skinsweep backbones`)."),
+    mode: str = typer.Option("finetune", "--mode", help="finetune or linear_probe."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="hub, none, or a local .safetensors/.pt file (default per backbone)."),
+    backbone_arg: List[str] = typer.Option([], "--backbone-arg", help="Backbone override KEY=VALUE (repeatable), e.g. input_size=96."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate (head; backbone gets lr × --backbone-lr-mult)."),
+    pos_weight: float = typer.Option(8.0, "--pos-weight", help="Positive-class weight of the BCE loss."),
+    epochs: int = typer.Option(20, "--epochs"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    split: Optional[Path] = typer.Option(None, "--split", help="Split manifest (default: lesion-grouped 70/15/15, seed 0)."),
+    head: str = typer.Option("auto", "--head", help="auto, linear or mlp."),
+    loss: str = typer.Option("bce", "--loss", help="bce or focal."),
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam or adamw."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    backbone_lr_mult: float = typer.Option(1.0, "--backbone-lr-mult"),
+    warmup_epochs: int = typer.Option(0, "--warmup-epochs"),
+    schedule: str = typer.Option("constant", "--schedule", help="constant or cosine."),
+    augment: str = typer.Option("auto", "--augment", help="auto, none or resnet_study."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Cached image side (default: the backbone's input size)."),
+    resize_policy: str = typer.Option("squash", "--resize-policy", help="squash or center-crop."),
+    select_metric: str = typer.Option("auc", "--select-metric", help="Validation metric that picks the epoch."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    positive: str = PositiveOpt,
+    skip_bad: bool = SkipBadOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different trial already in --out."),
+) -> None:
+    """Train and evaluate one configuration; write predictions.parquet, summary.json, checkpoint and model.json."""
+    from skinsweep.trial import parse_config, run_trial
+
+    cfg = parse_config(dict(
+        data=str(data), split=str(split) if split else None, backbone=backbone, mode=mode, weights=weights,
+        backbone_args=_key_values(backbone_arg, "--backbone-arg"), lr=lr,
+        pos_weight=pos_weight, epochs=epochs, batch_size=batch_size, head=head, loss=loss, optimizer=optimizer,
+        weight_decay=weight_decay, backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs, schedule=schedule,
+        augment=augment, image_size=image_size, resize_policy=resize_policy, select_metric=select_metric, seed=seed,
+        device=device, positive=_positive(positive), skip_bad=skip_bad), source="options")
+    res = run_trial(cfg, out_dir, progress=True, overwrite=overwrite)
+    s = res.summary
+    out.print(f"trial {res.trial_id}: {res.status}, best epoch {res.best_epoch} of {s['epochs_run']} "
+              f"(by val {s['select_metric']}), {s['runtime_s']:.1f} s on {s['device']}"
+              + (f", embedding cache {s['embedding_cache']}" if s.get("embedding_cache") else ""))
+    t = Table(title=f"{cfg.backbone} · {cfg.mode} · metrics at the selected epoch (threshold 0.5)")
+    cols = ("auc", "ap", "accuracy", "precision", "recall", "specificity", "ece", "brier", "n", "n_pos")
+    t.add_column("split")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for name in ("val", "test"):
+        m = getattr(res, name)
+        if m:
+            t.add_row(name, *(_fmt(m.get(c)) for c in cols))
+    out.print(t)
+    out.print(f"wrote {out_dir}/predictions.parquet, summary.json, checkpoint.safetensors, model.json")
+
+
+@app.command("backbones")
+@user_errors
+def backbones_cmd() -> None:
+    """List the registered backbones (any timm or open_clip model also works as timm:NAME / open_clip:NAME)."""
+    from skinsweep.backbones import list_backbones
+
+    for name in list_backbones():
+        out.print(name)
+
+
+def _key_values(items: list[str], option: str) -> dict:
+    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    outd = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{option} {item!r} is not KEY=VALUE; use e.g. {option} input_size=96")
+        outd[key.strip()] = yaml.safe_load(value)
+    return outd
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.3f}"
+    return f"{v:,}"
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

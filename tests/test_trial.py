@@ -1,0 +1,156 @@
+"""One trial without Ray: each tiny backbone × mode, artefacts, metrics from Parquet, caches, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from skinsweep.errors import BackboneError, ConfigError, DataError
+from skinsweep.metrics import binary_metrics
+from skinsweep.trial import CHECKPOINT, MODEL_JSON, PREDICTIONS, SUMMARY, load_trial_model, parse_config, run_trial
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    from skinsweep.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth") / "isic"
+    synthesize(root, 160, seed=1, size=(96, 72), workers=1, progress=False)
+    return root
+
+
+def cfg(data, **kw):
+    base = dict(data=str(data), backbone="tiny_resnet", mode="finetune", epochs=2, batch_size=16, lr=1e-3,
+                image_size=32)
+    return parse_config({**base, **kw})
+
+
+@pytest.mark.parametrize("backbone", ["tiny_resnet", "tiny_vit", "tiny_clip"])
+@pytest.mark.parametrize("mode", ["finetune", "linear_probe"])
+def test_each_backbone_and_mode_trains_and_metrics_match_parquet(synth_dir, tmp_path, backbone, mode):
+    seen = []
+    res = run_trial(cfg(synth_dir, backbone=backbone, mode=mode), tmp_path / "t", callback=seen.append)
+    assert res.status == "completed"
+    assert [r["epoch"] for r in seen] == [1, 2]
+    assert {"train_loss", "val_loss", "val_auc", "val_ap", "val_accuracy", "val_precision", "val_recall",
+            "val_specificity", "val_ece", "val_brier"} <= set(seen[0])
+    for name in (PREDICTIONS, SUMMARY, CHECKPOINT, MODEL_JSON):
+        assert (tmp_path / "t" / name).is_file(), name
+    preds = pd.read_parquet(tmp_path / "t" / PREDICTIONS)
+    summary = json.loads((tmp_path / "t" / SUMMARY).read_text())
+    assert set(preds["split"]) == {"val", "test"}
+    assert (preds["epoch"] == summary["best_epoch"]).all()
+    assert preds["trial_id"].nunique() == 1 and (preds["backbone"] == backbone).all() and (preds["mode"] == mode).all()
+    assert summary["n_images"]["val"] == (preds["split"] == "val").sum()
+    for split in ("val", "test"):
+        p = preds[preds["split"] == split]
+        recomputed = binary_metrics(p["label"].to_numpy(), p["prob"].to_numpy())
+        for k in ("auc", "ap", "accuracy", "precision", "recall", "specificity", "ece", "brier"):
+            assert summary[split][k] == pytest.approx(recomputed[k], abs=1e-6), (split, k)
+    # the best epoch's validation metrics are what the callback saw for that epoch
+    best = seen[summary["best_epoch"] - 1]
+    assert summary["val"]["auc"] == pytest.approx(best["val_auc"], abs=1e-6)
+    if mode == "linear_probe":
+        assert summary["n_trainable"] < summary["n_params"]
+
+
+def test_linear_probe_embedding_cache_hit(synth_dir, tmp_path, monkeypatch):
+    first = run_trial(cfg(synth_dir, backbone="tiny_vit", mode="linear_probe"), tmp_path / "a")
+    assert first.summary["embedding_cache"] == "miss"
+    import skinsweep.model as model_mod
+
+    calls = []
+    real = model_mod.Classifier.features
+    monkeypatch.setattr(model_mod.Classifier, "features", lambda self, x: calls.append(1) or real(self, x))
+    second = run_trial(cfg(synth_dir, backbone="tiny_vit", mode="linear_probe", lr=3e-3), tmp_path / "b")
+    assert second.summary["embedding_cache"] == "hit" and calls == []  # backbone never ran
+    # a different seed means a different random backbone: not a hit
+    third = run_trial(cfg(synth_dir, backbone="tiny_vit", mode="linear_probe", seed=5), tmp_path / "c")
+    assert third.summary["embedding_cache"] == "miss"
+
+
+def test_deterministic_on_cpu(synth_dir, tmp_path):
+    a = run_trial(cfg(synth_dir), tmp_path / "a")
+    b = run_trial(cfg(synth_dir), tmp_path / "b")
+    pa = pd.read_parquet(tmp_path / "a" / PREDICTIONS)
+    pb = pd.read_parquet(tmp_path / "b" / PREDICTIONS)
+    np.testing.assert_array_equal(pa["logit"].to_numpy(), pb["logit"].to_numpy())
+    assert a.history == b.history
+    c = run_trial(cfg(synth_dir, seed=1), tmp_path / "c")
+    assert not np.array_equal(pd.read_parquet(tmp_path / "c" / PREDICTIONS)["logit"], pa["logit"])
+
+
+def test_divergence_is_recorded_not_raised(synth_dir, tmp_path):
+    res = run_trial(cfg(synth_dir, lr=1e30, epochs=3), tmp_path / "d")
+    assert res.status == "diverged"
+    summary = json.loads((tmp_path / "d" / SUMMARY).read_text())
+    assert summary["status"] == "diverged" and summary["epochs_run"] < 3
+
+
+def test_saved_model_reproduces_predictions(synth_dir, tmp_path):
+    from skinsweep.data.cache import build_cache
+    from skinsweep.data.index import load_index
+    from skinsweep.data.transforms import eval_transform
+
+    run_trial(cfg(synth_dir, backbone="tiny_clip"), tmp_path / "t")
+    model, meta = load_trial_model(tmp_path / "t")
+    preds = pd.read_parquet(tmp_path / "t" / PREDICTIONS)
+    test = preds[preds["split"] == "test"]
+    cache = build_cache(load_index(synth_dir), size=meta["image_size"], policy=meta["resize_policy"])
+    from skinsweep.data.transforms import DataConfig
+
+    x = eval_transform(DataConfig.from_dict(meta["data_config"]))(torch.from_numpy(cache.get(test["image_id"].tolist())))
+    with torch.no_grad():
+        logits = model(x).numpy()
+    np.testing.assert_allclose(logits, test["logit"].to_numpy(), atol=1e-5)
+
+
+def test_same_trial_is_reused_different_trial_refused(synth_dir, tmp_path):
+    first = run_trial(cfg(synth_dir, epochs=1), tmp_path / "t")
+    again = run_trial(cfg(synth_dir, epochs=1), tmp_path / "t")
+    assert again.summary["runtime_s"] == first.summary["runtime_s"]  # read back, not retrained
+    with pytest.raises(ConfigError, match=r"already holds a different trial .*--overwrite"):
+        run_trial(cfg(synth_dir, epochs=1, lr=5e-4), tmp_path / "t")
+    assert json.loads((tmp_path / "t" / SUMMARY).read_text())["config_hash"] == first.summary["config_hash"]
+    replaced = run_trial(cfg(synth_dir, epochs=1, lr=5e-4), tmp_path / "t", overwrite=True)
+    assert replaced.summary["config_hash"] != first.summary["config_hash"]
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    ({"lr": 0}, ConfigError, r"\[lr\] Input should be greater than 0"),
+    ({"epochs": 0}, ConfigError, r"\[epochs\] Input should be greater than or equal to 1"),
+    ({"mode": "probe"}, ConfigError, r"\[mode\] Input should be 'finetune' or 'linear_probe'"),
+    ({"select_metric": "f2"}, ConfigError, r"\[select_metric\] .*unknown metric 'f2'"),
+    ({"colour": "red"}, ConfigError, r"\[colour\] Extra inputs are not permitted"),
+])
+def test_invalid_options(synth_dir, kw, error, message):
+    with pytest.raises(error, match=message):
+        cfg(synth_dir, **kw)
+
+
+def test_unknown_backbone_and_mismatched_split(synth_dir, tmp_path, isic_dir):
+    with pytest.raises(BackboneError, match=r"unknown backbone 'tiny_resnt'.*tiny_resnet"):
+        run_trial(cfg(synth_dir, backbone="tiny_resnt"), tmp_path / "x")
+    from skinsweep.data.index import load_index
+    from skinsweep.data.split import make_split
+
+    other = make_split(load_index(isic_dir)).save(tmp_path / "other.parquet")
+    with pytest.raises(DataError, match=r"does not match dataset"):
+        run_trial(cfg(synth_dir, split=str(other)), tmp_path / "y")
+
+
+def test_train_cli(synth_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from skinsweep.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--data", str(synth_dir), "--out", str(tmp_path / "o"), "--backbone",
+                                 "tiny_resnet", "--epochs", "1", "--image-size", "32", "--lr", "1e-3"])
+    assert r.exit_code == 0, r.output
+    assert "completed" in r.output and "auc" in r.output and (tmp_path / "o" / PREDICTIONS).is_file()
+    r = CliRunner().invoke(app, ["train", "--data", str(synth_dir), "--out", str(tmp_path / "o"), "--lr", "-1"])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "[lr]" in r.output
