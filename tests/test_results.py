@@ -1,0 +1,340 @@
+"""Tests for skinsweep.results: the Parquet results store (schemas, replace, atomicity) and show / query / load.
+
+Trials are fake summaries and prediction frames shaped like skinsweep.trial's output; nothing trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from skinsweep.errors import ConfigError, DataError
+from skinsweep.results import (
+    METRICS,
+    PREDICTIONS_SCHEMA,
+    TRIAL_COLUMNS,
+    ResultsStore,
+    load,
+    query,
+    show,
+)
+
+# A TrialConfig dump (skinsweep.trial.TrialConfig.model_dump()), written out so the tests need no torch.
+BASE_CONFIG = {
+    "data": "/data/ham", "split": None, "positive": ["MEL"], "backbone": "resnet18", "weights": None,
+    "backbone_args": {}, "mode": "finetune", "head": "auto", "head_hidden": 512, "loss": "bce",
+    "pos_weight": 8.0, "focal_gamma": 2.0, "lr": 1e-4, "backbone_lr_mult": 1.0, "epochs": 3,
+    "embedding_cache": True, "seed": 0, "device": "auto",
+}
+PARAMS = [{"split": "split_file"}.get(k, k) for k in BASE_CONFIG]  # "split" would clash with val/test
+VERSIONS = {"skinsweep": "0.1.0", "torch": "2.5.0", "timm": "1.0.9", "open_clip": "2.29.0", "python": "3.11.9"}
+
+
+def metrics(auc: float, ece: float, n: int) -> dict:
+    return {"auc": auc, "ap": auc / 2, "accuracy": 0.8, "precision": 0.3, "recall": 0.7, "specificity": 0.8,
+            "f1": 0.4, "ece": ece, "brier": 0.1, "n": n, "n_pos": n // 5, "loss": 0.5}
+
+
+def summary(trial_id: str, *, status: str = "completed", val_auc: float = 0.8, ece: float = 0.1,
+            n_val: int = 10, n_test: int = 6, drop: tuple[str, ...] = (), **config) -> dict:
+    cfg = {k: v for k, v in {**BASE_CONFIG, **config}.items() if k not in drop}
+    return {
+        "trial_id": trial_id, "status": status, "config": cfg, "config_hash": f"c-{trial_id}",
+        "split": "/cache/split.parquet", "split_hash": "s123", "dataset_hash": "d456", "select_metric": "auc",
+        "best_epoch": 2, "epochs_run": 3, "val": metrics(val_auc, ece, n_val), "test": metrics(val_auc - 0.05, ece, n_test),
+        "history": [{"epoch": 1, "val_auc": 0.6}], "runtime_s": 12.5, "device": "cpu", "augment": "none",
+        "head": "linear", "embedding_cache": None, "n_params": 1000, "n_trainable": 1000,
+        "n_images": {"train": 30, "val": n_val, "test": n_test}, "versions": VERSIONS,
+        "artefacts": {"predictions": "predictions.parquet", "checkpoint": "checkpoint.safetensors"},
+    }
+
+
+def preds(s: dict, *, recipe_hash: str | None = "r789", **extra_cols) -> pd.DataFrame:
+    """Predictions as skinsweep.trial writes them (plus the sweep's extra constant columns)."""
+    rows = []
+    rng = np.random.default_rng(len(s["trial_id"]))
+    for split in ("val", "test"):
+        n = s["n_images"][split]
+        logit = rng.normal(size=n).astype("float32")
+        rows.append(pd.DataFrame({
+            "image_id": [f"ISIC_{i:07d}" for i in range(n)], "lesion_id": [f"HAM_{i // 2:07d}" for i in range(n)],
+            "label": (np.arange(n) % 5 == 0).astype("int8"), "dx": "NV", "logit": logit,
+            "prob": (1 / (1 + np.exp(-logit))).astype("float32"), "split": split, "epoch": np.int32(2),
+            "trial_id": s["trial_id"], "backbone": s["config"]["backbone"], "mode": s["config"]["mode"],
+            "split_hash": s["split_hash"], "config_hash": s["config_hash"],
+            **({"recipe_hash": recipe_hash, "sweep": "demo"} if recipe_hash else {}), **extra_cols,
+        }))
+    return pd.concat(rows, ignore_index=True)
+
+
+def add(store: ResultsStore, s: dict, **kw) -> None:
+    store.add_trial(s, predictions=preds(s), extra={"node": "n1", "cpus": 2, "gpus": 0.5, **kw})
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """A sweep folder with: two completed trials, a linear probe, a pruned trial, a failed trial, and one
+    completed trial whose config lacks backbone_lr_mult (an older TrialConfig)."""
+    store = ResultsStore(tmp_path / "demo")
+    add(store, summary("t1", val_auc=0.90, ece=0.20, lr=1e-3))
+    add(store, summary("t2", val_auc=0.70, ece=0.05, backbone="dino_vits16", lr=1e-5))
+    add(store, summary("t3", val_auc=0.80, ece=0.10, backbone="dino_vits16", mode="linear_probe", lr=1e-2))
+    full = summary("t4", val_auc=0.60)  # a pruned trial's summary as skinsweep.sweep builds it: no head, no test
+    pruned = {"trial_id": "t4", "status": "pruned", "config": full["config"], "config_hash": "c-t4",
+              "best_epoch": None, "epochs_run": 1, "val": full["val"], "test": {}, "runtime_s": 3.0, "split_hash": None}
+    store.add_trial(pruned, predictions=None, status="pruned", extra={"pruned_at_epoch": 1})
+    store.add_failed("t5", {k: v for k, v in BASE_CONFIG.items() if k != "lr"}, "CUDA out of memory",
+                     extra={"attempts": 2})
+    add(store, summary("t6", val_auc=0.85, ece=0.30, drop=("backbone_lr_mult",), backbone="clip_vitb32"))
+    (tmp_path / "demo" / "sweep.json").write_text(json.dumps({"name": "demo", "recipe_hash": "r789",
+                                                              "split_hash": "s123"}))
+    return tmp_path / "demo"
+
+
+N_PRED = {"t1": 16, "t2": 16, "t3": 16, "t6": 16}  # rows per trial with predictions (10 val + 6 test)
+
+
+# ----------------------------------------------------------------------------- trials.parquet
+
+
+def test_trials_parquet_exact_schema(sweep: Path) -> None:
+    table = pq.read_table(sweep / "trials.parquet")
+    fixed = [c for c in TRIAL_COLUMNS if c not in ("trial_id", "status")]
+    assert table.column_names == ["trial_id", "status", *PARAMS, *fixed, "pruned_at_epoch", "attempts"]
+    assert table.num_rows == 6
+    types = dict(zip(table.column_names, table.schema.types))
+    expect = {"lr": pa.float64(), "epochs": pa.int64(), "backbone": pa.string(), "backbone_args": pa.string(),
+              "positive": pa.string(), "embedding_cache": pa.bool_(), "weights": pa.string(),
+              "backbone_lr_mult": pa.float64(), "val_auc": pa.float64(), "test_ece": pa.float64(),
+              "val_n": pa.int64(), "best_epoch": pa.int64(), "gpus": pa.float64(), "torch_version": pa.string(),
+              "started_at": pa.timestamp("us", tz="UTC"), "pruned_at_epoch": pa.int64(), "attempts": pa.int64()}
+    assert {k: types[k] for k in expect} == expect
+    assert {f"{s}_{m}" for s in ("val", "test") for m in METRICS} <= set(table.column_names)
+
+
+def test_hyperparameters_are_columns_null_where_absent_or_not_applicable(sweep: Path) -> None:
+    df = ResultsStore(sweep).trials().set_index("trial_id")
+    assert df.loc["t1", "lr"] == 1e-3 and df.loc["t3", "mode"] == "linear_probe"
+    assert pd.isna(df.loc["t5", "lr"])                     # failed trial whose config lacked lr
+    assert pd.isna(df.loc["t6", "backbone_lr_mult"])       # missing from an older config
+    assert pd.isna(df.loc["t3", "backbone_lr_mult"])       # linear probe: backbone lr does not apply
+    assert df.loc["t1", "backbone_lr_mult"] == 1.0
+    assert df["focal_gamma"].isna().all()                  # bce everywhere
+    assert pd.isna(df.loc["t1", "head_hidden"])            # resolved head is linear, not mlp
+    assert df.loc["t4", "head_hidden"] == 512              # head "auto" never resolved (pruned): kept
+    assert df.loc["t3", "embedding_cache"] == True and pd.isna(df.loc["t1", "embedding_cache"])  # noqa: E712
+    assert json.loads(df.loc["t1", "positive"]) == ["MEL"] and json.loads(df.loc["t1", "backbone_args"]) == {}
+    assert df["status"].to_dict() == {"t1": "completed", "t2": "completed", "t3": "completed", "t4": "pruned",
+                                      "t5": "failed", "t6": "completed"}
+    assert df.loc["t5", "error"] == "CUDA out of memory" and df.loc["t5", "attempts"] == 2
+    assert df.loc["t4", "pruned_at_epoch"] == 1 and pd.isna(df.loc["t4", "test_auc"]) and df.loc["t4", "val_auc"] == 0.6
+    assert df.loc["t1", "torch_version"] == "2.5.0" and df.loc["t1", "recipe_hash"] == "r789"  # from predictions
+    assert df.loc["t1", "val_auc"] == 0.9 and df.loc["t1", "test_n"] == 6
+    assert df.loc["t1", "node"] == "n1" and df.loc["t1", "gpus"] == 0.5
+    started, finished = df.loc["t1", "started_at"], df.loc["t1", "finished_at"]
+    assert (finished - started).total_seconds() == pytest.approx(12.5) and str(finished.tz) == "UTC"
+
+
+def test_column_types_unify_across_trials(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    store.add_trial(summary("a"), predictions=None, extra={"score": 1, "note": None})
+    store.add_trial(summary("b", image_size=96), predictions=None, extra={"score": 2.5, "note": "x"})
+    types = dict(zip(pq.read_schema(tmp_path / "trials.parquet").names, pq.read_schema(tmp_path / "trials.parquet").types))
+    assert types["score"] == pa.float64() and types["note"] == pa.string() and types["image_size"] == pa.int64()
+    df = store.trials().set_index("trial_id")
+    assert df.loc["a", "score"] == 1.0 and pd.isna(df.loc["a", "image_size"]) and df.loc["b", "image_size"] == 96
+
+
+# ----------------------------------------------------------------------------- predictions
+
+
+def test_predictions_fixed_schema_readable_in_one_call(sweep: Path) -> None:
+    pdir = sweep / "predictions"
+    assert sorted(p.name for p in pdir.iterdir()) == [f"{t}.parquet" for t in sorted(N_PRED)]
+    for f in pdir.iterdir():
+        assert pq.read_schema(f).remove_metadata() == PREDICTIONS_SCHEMA
+    total = sum(N_PRED.values())
+    by_pandas = pd.read_parquet(pdir)
+    assert len(by_pandas) == total and str(by_pandas["label"].dtype) == "int8" and str(by_pandas["prob"].dtype) == "float32"
+    assert ds.dataset(pdir).to_table().num_rows == total
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{pdir}/*.parquet')").fetchall() == [(total,)]
+    assert by_pandas.groupby("trial_id").size().to_dict() == N_PRED
+    assert set(by_pandas["recipe_hash"]) == {"r789"} and set(by_pandas["sweep"]) == {"demo"}
+
+
+@pytest.mark.parametrize("trial_ids, split, n", [
+    (None, None, 64), ("t1", None, 16), (["t1", "t3"], "val", 20), (None, "test", 24), (["t4", "t5"], None, 0),
+])
+def test_store_predictions_filters(sweep: Path, trial_ids, split, n) -> None:
+    df = ResultsStore(sweep).predictions(trial_ids, split=split)
+    assert len(df) == n and list(df.columns) == PREDICTIONS_SCHEMA.names
+    if split:
+        assert set(df["split"]) == {split}
+
+
+def test_predictions_from_file_fill_missing_columns_and_move_constants(tmp_path: Path) -> None:
+    s = summary("f1")
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    frame = preds(s, recipe_hash=None, fold=3).drop(columns=["trial_id", "epoch", "backbone"])
+    frame.to_parquet(trial_dir / "predictions.parquet", index=False)
+    (trial_dir / "checkpoint.safetensors").write_bytes(b"x")
+    store = ResultsStore(tmp_path / "sweep")
+    store.add_trial(s, predictions=trial_dir, extra={"recipe_hash": "rh"})
+    p = store.predictions()
+    assert set(p["trial_id"]) == {"f1"} and set(p["epoch"]) == {2} and set(p["backbone"]) == {"resnet18"}
+    assert set(p["recipe_hash"]) == {"rh"} and p["sweep"].isna().all()
+    row = store.trials().iloc[0]
+    assert row["fold"] == 3  # a per-trial constant the fixed schema lacks becomes a trials column
+    assert row["checkpoint"] == str((trial_dir / "checkpoint.safetensors").resolve())
+
+
+# ----------------------------------------------------------------------------- replace, atomicity, locking
+
+
+def test_readding_a_trial_replaces_row_and_predictions(sweep: Path) -> None:
+    store = ResultsStore(sweep)
+    s = summary("t1", val_auc=0.95, n_val=4, n_test=2, lr=1e-3)
+    add(store, s)
+    df = store.trials()
+    assert len(df) == 6 and (df["trial_id"] == "t1").sum() == 1
+    assert df.set_index("trial_id").loc["t1", "val_auc"] == 0.95
+    assert len(store.predictions("t1")) == 6 and len(pd.read_parquet(sweep / "predictions")) == 64 - 16 + 6
+    store.add_failed("t1", BASE_CONFIG, "killed")  # a re-run that failed: its old predictions go too
+    assert not (sweep / "predictions" / "t1.parquet").exists() and store.trial_ids() == {f"t{i}" for i in range(1, 7)}
+
+
+def test_crash_while_writing_keeps_previous_trials(sweep: Path, monkeypatch) -> None:
+    before = pq.read_table(sweep / "trials.parquet")
+    real_replace, calls = os.replace, []
+
+    def crashing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the predictions file lands, then the trials.parquet rewrite "crashes"
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    store = ResultsStore(sweep)
+    with pytest.raises(OSError, match="disk full"):
+        add(store, summary("t7"))
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    assert pq.read_table(sweep / "trials.parquet").equals(before)
+    assert not [p.name for p in sweep.rglob("*.tmp")]
+    assert "t7" not in store.trial_ids()
+    assert (sweep / "predictions" / "t7.parquet").is_file()  # predictions land first: an orphan, never a bare row
+    assert "t7" not in set(store.predictions()["trial_id"])  # the orphan file is not served
+    assert query(sweep, "SELECT count(*) AS n FROM predictions")["n"][0] == 64
+    (sweep / ".trials.parquet.999.tmp").write_bytes(b"half")    # as a SIGKILLed writer would leave it
+    add(store, summary("t8"))                                   # the next write tidies both up
+    assert set(pd.read_parquet(sweep / "predictions")["trial_id"]) == {"t1", "t2", "t3", "t6", "t8"}
+    assert not (sweep / ".trials.parquet.999.tmp").exists()
+    add(store, summary("t7"))                                   # resume: the trial is added again
+    assert "t7" in store.trial_ids() and len(store.predictions("t7")) == 16
+
+
+def test_concurrent_adds_lose_no_rows(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    threads = [threading.Thread(target=add, args=(store, summary(f"c{i}"))) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.trial_ids() == {f"c{i}" for i in range(6)}
+
+
+# ----------------------------------------------------------------------------- show / query / load
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({}, ["t1", "t6", "t3", "t2", "t4", "t5"]),                                 # val_auc desc, nulls last
+    ({"top": 2}, ["t1", "t6"]),
+    ({"by": "val_ece", "top": None}, ["t2", "t3", "t4", "t1", "t6", "t5"]),     # ece: lower is better
+    ({"by": "test_auc"}, ["t1", "t6", "t3", "t2", "t4", "t5"]),
+    ({"where": "mode = 'finetune' AND status = 'completed'"}, ["t1", "t6", "t2"]),
+    ({"where": "backbone = 'dino_vits16' AND lr < 1e-3", "by": "val_loss"}, ["t2"]),
+    ({"by": "lr", "where": "lr IS NOT NULL"}, ["t2", "t4", "t6", "t1", "t3"]),  # non-metric: ascending
+    ({"by": "val_auc", "ascending": True, "top": 1}, ["t4"]),
+])
+def test_show(sweep: Path, kwargs, expected) -> None:
+    df = show(sweep, **kwargs)
+    assert df["trial_id"].tolist() == expected
+
+
+def test_show_columns_and_header(sweep: Path) -> None:
+    df = show(sweep, by="val_ece")
+    assert list(df.columns) == ["trial_id", "status", "backbone", "mode", "lr", "pos_weight", "best_epoch",
+                                "val_auc", "val_ap", "test_auc", "test_ap", "runtime_s", "val_ece"]
+    assert list(show(sweep, columns=["trial_id", "node"]).columns) == ["trial_id", "node"]
+    assert df.attrs["header"] == ("sweep demo: 6 trials (completed 4, pruned 1, failed 1) · recipe hash r789 · "
+                                  "split hash s123")
+
+
+def test_query_joins_trials_and_predictions(sweep: Path) -> None:
+    got = query(sweep, "SELECT backbone, count(*) AS n, avg(prob) AS p FROM predictions JOIN trials USING (trial_id) "
+                       "WHERE split = 'val' GROUP BY 1 ORDER BY 1")
+    p = pd.read_parquet(sweep / "predictions")
+    want = p[p["split"] == "val"].groupby("backbone")["prob"].agg(["size", "mean"])
+    assert got["backbone"].tolist() == want.index.tolist() == ["clip_vitb32", "dino_vits16", "resnet18"]
+    assert got["n"].tolist() == want["size"].tolist()
+    np.testing.assert_allclose(got["p"], want["mean"], rtol=1e-6)
+
+
+def test_load_reads_predictions_lazily(sweep: Path) -> None:
+    res = load(sweep / "trials.parquet")
+    assert res.path == sweep and len(res.trials) == 6 and "predictions" not in vars(res)
+    assert len(res.predictions) == 64 and res.sweep["name"] == "demo"
+
+
+def test_empty_store(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path / "new")
+    assert store.trial_ids() == set() and len(store.trials()) == 0 and "val_auc" in store.trials()
+    assert len(store.predictions()) == 0 and not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda d: load(d.parent), DataError, r"is not a skinsweep sweep folder \(no trials.parquet\); did you mean .*demo"),
+    (lambda d: load(d / "nope"), DataError, r"does not exist"),
+    (lambda d: show(d, by="val_acu"), ConfigError, r"cannot sort by 'val_acu'.*did you mean val_auc"),
+    (lambda d: show(d, columns=["trial_id", "lrr"]), ConfigError, r"unknown column\(s\) lrr.*did you mean lr"),
+    (lambda d: show(d, where="backbon = 'x'"), ConfigError, r"not a valid filter.*backbon"),
+    (lambda d: show(d, top=0), ConfigError, r"top must be a positive"),
+    (lambda d: query(d, "SELEC 1"), ConfigError, r"query on .* failed: Parser Error"),
+    (lambda d: query(d, "SELECT nope FROM trials"), ConfigError, r"nope"),
+    (lambda d: ResultsStore(d).predictions("t99"), DataError, r"no trial\(s\) t99"),
+    (lambda d: ResultsStore(d).predictions(split="train"), ConfigError, r"split must be one of val, test"),
+    (lambda d: ResultsStore(d).add_trial(summary("x"), predictions=None, status="done"), ConfigError, "status 'done'"),
+    (lambda d: ResultsStore(d).add_trial(summary("../x"), predictions=None), ConfigError, "cannot name a predictions file"),
+    (lambda d: ResultsStore(d).add_trial(summary("x"), predictions=preds(summary("y"))), DataError, "rows of trial"),
+    (lambda d: ResultsStore(d).add_trial(summary("x"), predictions=preds(summary("x")).drop(columns="prob")),
+     DataError, r"lacks column\(s\) prob"),
+    (lambda d: ResultsStore(d).add_trial(summary("x"), predictions=preds(summary("x")).assign(z=range(16))),
+     DataError, "column 'z' varies"),
+    (lambda d: ResultsStore(d).add_trial(summary("x"), predictions=d / "missing.parquet"), DataError, "does not exist"),
+    (lambda d: ResultsStore(d).add_trial(summary("x"), predictions=None, extra={"cpus": "many"}), ConfigError,
+     "column cpus: expected double"),
+])
+def test_errors_are_one_line(sweep: Path, call, exc, match) -> None:
+    with pytest.raises(exc, match=match) as info:
+        call(sweep)
+    assert "\n" not in str(info.value)
+
+
+def test_every_metric_has_columns() -> None:
+    from skinsweep.metrics import HIGHER_IS_BETTER, METRIC_KEYS
+
+    assert set(HIGHER_IS_BETTER) | set(METRIC_KEYS) <= set(METRICS)
