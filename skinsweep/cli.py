@@ -21,6 +21,8 @@ app = typer.Typer(help="Sweeps and ensembles of melanoma classifiers for dermosc
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Datasets: synthesise, split, cache and inspect.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+results_app = typer.Typer(help="Query a sweep's Parquet results.", no_args_is_help=True)
+app.add_typer(results_app, name="results")
 
 # Tables are wide: outside a terminal (pipes, CI logs) rich would wrap them at 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 120)
@@ -250,6 +252,62 @@ def train(
     out.print(f"wrote {out_dir}/predictions.parquet, summary.json, checkpoint.safetensors, model.json")
 
 
+# ---- sweeps and results ------------------------------------------------------------------------------
+@app.command("sweep")
+@user_errors
+def sweep(
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="Sweep recipe (sweeps/*.yaml)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join a Ray cluster (default: RAY_ADDRESS, else a local Ray)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep without repeating finished trials."),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set search.num_samples=50 (repeatable)."),
+) -> None:
+    """Run a hyperparameter sweep with Ray Tune + Optuna (+ ASHA early stopping); results go to Parquet."""
+    from skinsweep.results import show
+    from skinsweep.sweep import run_sweep
+
+    outcome = run_sweep(recipe, overrides=set_, address=address, resume=resume, console=out)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.counts.items()))
+    out.print(f"sweep finished in {outcome.wall_s / 60:.1f} min: {outcome.n_trials} trials ({counts}) → {outcome.out_dir}")
+    _print_frame(show(outcome.out_dir, top=10), title="best trials by val AUC (test scored once, at the selected epoch)")
+    out.print(f"query them: skinsweep results show {outcome.out_dir} --where \"mode = 'finetune'\"  |  "
+              f"pandas.read_parquet('{outcome.out_dir}/predictions')")
+
+
+@results_app.command("show")
+@user_errors
+def results_show(
+    path: Path = typer.Argument(..., metavar="DIR", help="Sweep folder (results/<sweep>)."),
+    top: int = typer.Option(10, "--top", help="Rows to show (0 = all)."),
+    by: str = typer.Option("val_auc", "--by", help="Column to sort by."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL filter, e.g. \"backbone = 'dino_vits16'\"."),
+) -> None:
+    """Print the trials table: top N by a metric, optionally filtered."""
+    from skinsweep.results import show
+
+    _print_frame(show(path, top=top or None, by=by, where=where), title=f"{path} — top {top or 'all'} by {by}")
+
+
+@results_app.command("query")
+@user_errors
+def results_query(
+    path: Path = typer.Argument(..., metavar="DIR", help="Sweep folder (results/<sweep>)."),
+    sql: str = typer.Argument(..., help="DuckDB SQL over the views `trials` and `predictions`."),
+) -> None:
+    """Run SQL (DuckDB) over trials.parquet and predictions/."""
+    from skinsweep.results import query
+
+    _print_frame(query(path, sql), title=None)
+
+
+def _print_frame(df, title: Optional[str]) -> None:
+    t = Table(title=title)
+    for c in df.columns:
+        t.add_column(str(c), justify="right" if df[c].dtype.kind in "iuf" else "left")
+    for _, row in df.iterrows():
+        t.add_row(*(_fmt(v) for v in row.tolist()))
+    out.print(t)
+
+
 @app.command("backbones")
 @user_errors
 def backbones_cmd() -> None:
@@ -274,11 +332,15 @@ def _key_values(items: list[str], option: str) -> dict:
 
 
 def _fmt(v) -> str:
-    if v is None:
+    import pandas as pd
+
+    if v is None or (not isinstance(v, (list, dict, tuple)) and pd.isna(v)):
         return "-"
     if isinstance(v, float):
-        return "nan" if v != v else f"{v:.3f}"
-    return f"{v:,}"
+        return f"{v:.4g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.3f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return escape(str(v))
 
 
 def main() -> None:  # pragma: no cover - console-script entry point
