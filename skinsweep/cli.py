@@ -91,7 +91,7 @@ def _leak_line(mode: str, leaked: int) -> str:
 @user_errors
 def data_synth(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Folder to write (ISIC 2018 Task 3 layout)."),
-    n: int = typer.Option(2000, "--n", help="Number of images."),
+    n: Optional[int] = typer.Option(None, "--n", help="Number of images (default 2000, or every row of --like)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
     size: str = typer.Option("600x450", "--size", help="Image size WIDTHxHEIGHT (the release is 600x450)."),
     like: Optional[Path] = typer.Option(None, "--like", help="Copy ids, lesions and diagnoses from a real HAM10000_metadata.csv."),

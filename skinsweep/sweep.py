@@ -170,7 +170,7 @@ def consolidate_trial(store, recipe, trial, split_file: str) -> str:
     result = trial.last_result or {}
     params = recipe.params_from_optuna(trial.config)
     base_extra = {"node": result.get("node"), "recipe_hash": recipe.hash,
-                  **_store_resources(recipe, params)}
+                  **recipe.resources_for(params)}
     ckpt = trial.checkpoint
     if result.get(FINAL_KEY) and ckpt is not None:
         with tempfile.TemporaryDirectory(prefix="skinsweep-consolidate-") as tmp:
@@ -351,16 +351,11 @@ def _reconcile(store, recipe, result) -> None:
             store.add_trial(summary, predictions=local / "predictions.parquet" if (local / "predictions.parquet").exists() else None,
                             extra={"node": metrics.get("node"), "recipe_hash": recipe.hash,
                                    "checkpoint": _join(result.checkpoint.path, "checkpoint.safetensors"),
-                                   **_store_resources(recipe, params)})
+                                   **recipe.resources_for(params)})
 
 
 def _resources(recipe, config: dict) -> dict:
     return recipe.resources(config)
-
-
-def _store_resources(recipe, params: dict) -> dict:
-    r = recipe.resources(params)
-    return {"cpus": r["cpu"], "gpus": r["gpu"]}
 
 
 def _metric_mode(recipe) -> str:
@@ -386,7 +381,16 @@ def _connect(address: str | None) -> None:
         # `ray start --head` (Ray ≥ 2.5x) turns on token authentication; a driver must then run in token mode
         if (token.exists() or os.environ.get("RAY_AUTH_TOKEN")) and not os.environ.get("RAY_AUTH_MODE"):
             os.environ["RAY_AUTH_MODE"] = "token"
-        host = address.split("://")[-1].rsplit(":", 1)[0]
+        host, _, port = address.split("://")[-1].rpartition(":")
+        if "://" not in address and port.isdigit():
+            # ray.init retries an unreachable GCS for minutes; fail in seconds with a clear line instead
+            import socket
+
+            try:
+                socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+            except OSError as e:
+                raise ConfigError(f"cannot join Ray cluster at {address}: {e.strerror or e}; check that "
+                                  f"`ray start --head --port={port}` is running on {host} and reachable") from None
         try:
             ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
         except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ... depending on the cause
@@ -401,8 +405,10 @@ def _connect(address: str | None) -> None:
 
 def _loopback_only() -> bool:
     """True inside a network namespace whose only interface is loopback (as `make test` runs)."""
-    try:
-        return set(os.listdir("/sys/class/net")) <= {"lo"}
+    import socket
+
+    try:  # if_nameindex asks the kernel about *this* network namespace (/sys/class/net may be the host's)
+        return {name for _, name in socket.if_nameindex()} <= {"lo"}
     except OSError:
         return False
 

@@ -1,0 +1,97 @@
+"""One epoch of decode + augment to 224 px: from the raw JPEGs vs from the image cache, side by side.
+
+    python benchmarks/bench_data.py [--n 2000] [--data DIR] [--batch 64] [--workers 2]
+
+Both paths produce the same thing the trainer consumes — float (B, 3, 224, 224) batches after the
+reference study's ResNet augmentation — and both use ``--workers`` processes for the per-image work:
+
+* raw:    a torch DataLoader whose workers decode each JPEG and resize it to 224×224 (PIL bicubic,
+          the cache's own ``decode_resize``), then the batched augmentation in the main process;
+* cached: slices of the memory-mapped uint8 cache, then the same batched augmentation.
+
+The cache is built (and timed) first; the epoch timings exclude it, since one build serves every epoch
+of every trial. Prints images/s for both and the ratio (target: cached ≥ 5×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000, help="synthetic images to generate (600×450)")
+    ap.add_argument("--data", type=Path, help="use this dataset instead of synthesising one")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--size", type=int, default=224)
+    args = ap.parse_args()
+
+    tmp = tempfile.TemporaryDirectory(prefix="skinsweep-bench-")
+    os.environ.setdefault("SKINSWEEP_CACHE", str(Path(tmp.name) / "cache"))
+    from skinsweep.data.cache import build_cache, decode_resize
+    from skinsweep.data.index import load_index
+    from skinsweep.data.synth import synthesize
+    from skinsweep.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DataConfig, train_transform
+
+    torch.set_num_threads(args.workers)
+    root = args.data
+    if root is None:
+        root = Path(tmp.name) / "synth"
+        t = time.perf_counter()
+        synthesize(root, args.n, seed=0, size=(600, 450), workers=args.workers, progress=False)
+        print(f"synthesised {args.n} images at 600×450 in {time.perf_counter() - t:.1f} s")
+    index = load_index(root, workers=args.workers)
+    paths = index.df["path"].tolist()
+    n = len(paths)
+    aug = train_transform(DataConfig(input_size=args.size, mean=IMAGENET_MEAN, std=IMAGENET_STD), "resnet_study")
+    gen = torch.Generator().manual_seed(0)
+
+    class Raw(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return torch.from_numpy(decode_resize(paths[i], args.size, "squash"))
+
+    # ---- raw: decode + resize every image, every epoch ----
+    loader = torch.utils.data.DataLoader(Raw(), batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                                         generator=torch.Generator().manual_seed(0), persistent_workers=False)
+    t = time.perf_counter()
+    checksum_raw = 0.0
+    for xb in loader:
+        checksum_raw += float(aug(xb, gen).mean())
+    raw_s = time.perf_counter() - t
+
+    # ---- cached: build once, then every epoch reads uint8 slices ----
+    t = time.perf_counter()
+    cache = build_cache(index, size=args.size, workers=args.workers)
+    build_s = time.perf_counter() - t
+    order = np.random.default_rng(0).permutation(n)
+    t = time.perf_counter()
+    checksum_cached = 0.0
+    for s in range(0, n, args.batch):
+        xb = torch.from_numpy(np.asarray(cache.images[np.sort(order[s:s + args.batch])]))
+        checksum_cached += float(aug(xb, gen).mean())
+    cached_s = time.perf_counter() - t
+
+    print(f"images: {n} ({index.df['width'].iloc[0]}×{index.df['height'].iloc[0]} JPEG) → {args.size}×{args.size}, "
+          f"batch {args.batch}, {args.workers} workers, torch threads {torch.get_num_threads()}")
+    print(f"raw epoch     {raw_s:7.2f} s  {n / raw_s:8.1f} images/s   (decode + resize + augment)")
+    print(f"cached epoch  {cached_s:7.2f} s  {n / cached_s:8.1f} images/s   (memmap slice + augment)")
+    print(f"cache build   {build_s:7.2f} s  (once per dataset/size/policy; not in the epoch times)")
+    print(f"ratio cached/raw: {raw_s / cached_s:.1f}×  (target ≥ 5×)")
+    sys.stdout.flush()
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
