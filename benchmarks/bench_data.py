@@ -3,11 +3,12 @@
     python benchmarks/bench_data.py [--n 2000] [--data DIR] [--batch 64] [--workers 2]
 
 Both paths produce the same thing the trainer consumes — float (B, 3, 224, 224) batches after the
-reference study's ResNet augmentation — and both use ``--workers`` processes for the per-image work:
+reference study's ResNet augmentation — through the same pipeline: a torch DataLoader with
+``--workers`` worker processes, each producing whole augmented batches. Only the image source differs:
 
-* raw:    a torch DataLoader whose workers decode each JPEG and resize it to 224×224 (PIL bicubic,
-          the cache's own ``decode_resize``), then the batched augmentation in the main process;
-* cached: slices of the memory-mapped uint8 cache, then the same batched augmentation.
+* raw:    each worker decodes the batch's JPEGs and resizes them to 224×224 (PIL bicubic, the cache's
+          own ``decode_resize``), then augments the batch;
+* cached: each worker slices the batch from the memory-mapped uint8 cache, then augments it.
 
 The cache is built (and timed) first; the epoch timings exclude it, since one build serves every epoch
 of every trial. Prints images/s for both and the ratio (target: cached ≥ 5×).
@@ -42,7 +43,6 @@ def main() -> None:
     from skinsweep.data.synth import synthesize
     from skinsweep.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DataConfig, train_transform
 
-    torch.set_num_threads(args.workers)
     root = args.data
     if root is None:
         root = Path(tmp.name) / "synth"
@@ -53,40 +53,49 @@ def main() -> None:
     paths = index.df["path"].tolist()
     n = len(paths)
     aug = train_transform(DataConfig(input_size=args.size, mean=IMAGENET_MEAN, std=IMAGENET_STD), "resnet_study")
-    gen = torch.Generator().manual_seed(0)
 
-    class Raw(torch.utils.data.Dataset):
-        def __len__(self):
-            return n
-
-        def __getitem__(self, i):
-            return torch.from_numpy(decode_resize(paths[i], args.size, "squash"))
-
-    # ---- raw: decode + resize every image, every epoch ----
-    loader = torch.utils.data.DataLoader(Raw(), batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                                         generator=torch.Generator().manual_seed(0), persistent_workers=False)
-    t = time.perf_counter()
-    checksum_raw = 0.0
-    for xb in loader:
-        checksum_raw += float(aug(xb, gen).mean())
-    raw_s = time.perf_counter() - t
-
-    # ---- cached: build once, then every epoch reads uint8 slices ----
-    t = time.perf_counter()
-    cache = build_cache(index, size=args.size, workers=args.workers)
-    build_s = time.perf_counter() - t
     order = np.random.default_rng(0).permutation(n)
+    batches = [np.sort(order[s:s + args.batch]) for s in range(0, n, args.batch)]
+
+    class Batches(torch.utils.data.Dataset):
+        """Item k = augmented batch k; ``load(rows)`` gives its uint8 (B, S, S, 3) images."""
+
+        def __init__(self, load):
+            self.load = load
+
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, k):
+            gen = torch.Generator().manual_seed(k)
+            return aug(torch.from_numpy(self.load(batches[k])), gen)
+
+    def epoch(load) -> float:
+        loader = torch.utils.data.DataLoader(Batches(load), batch_size=None, num_workers=args.workers)
+        t = time.perf_counter()
+        total = 0.0
+        for xb in loader:
+            total += float(xb[0, 0, 0, 0])  # consume the batch
+        return time.perf_counter() - t
+
+    def load_raw(rows):  # decode + resize every image, every epoch
+        return np.stack([decode_resize(paths[i], args.size, "squash") for i in rows])
+
+    raw_s = epoch(load_raw)
+
     t = time.perf_counter()
-    checksum_cached = 0.0
-    for s in range(0, n, args.batch):
-        xb = torch.from_numpy(np.asarray(cache.images[np.sort(order[s:s + args.batch])]))
-        checksum_cached += float(aug(xb, gen).mean())
-    cached_s = time.perf_counter() - t
+    cache = build_cache(index, size=args.size, workers=args.workers)  # once; every later epoch reads it
+    build_s = time.perf_counter() - t
+
+    def load_cached(rows):
+        return np.asarray(cache.images[rows])
+
+    cached_s = epoch(load_cached)
 
     print(f"images: {n} ({index.df['width'].iloc[0]}×{index.df['height'].iloc[0]} JPEG) → {args.size}×{args.size}, "
-          f"batch {args.batch}, {args.workers} workers, torch threads {torch.get_num_threads()}")
-    print(f"raw epoch     {raw_s:7.2f} s  {n / raw_s:8.1f} images/s   (decode + resize + augment)")
-    print(f"cached epoch  {cached_s:7.2f} s  {n / cached_s:8.1f} images/s   (memmap slice + augment)")
+          f"batch {args.batch}, {args.workers} DataLoader workers")
+    print(f"raw epoch     {raw_s:7.2f} s  {n / raw_s:8.1f} images/s   (decode + resize + augment, {args.workers} workers)")
+    print(f"cached epoch  {cached_s:7.2f} s  {n / cached_s:8.1f} images/s   (memmap slice + augment, {args.workers} workers)")
     print(f"cache build   {build_s:7.2f} s  (once per dataset/size/policy; not in the epoch times)")
     print(f"ratio cached/raw: {raw_s / cached_s:.1f}×  (target ≥ 5×)")
     sys.stdout.flush()

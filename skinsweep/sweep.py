@@ -39,6 +39,7 @@ from skinsweep.errors import ConfigError
 FINAL_KEY = "skinsweep_final"  # set only in a trial's last report (with its checkpoint)
 EPOCH_KEY = "epoch"            # ASHA's time attribute; absent from the final report so ASHA ignores it
 SWEEP_JSON = "sweep.json"
+POINT_KEY = "params"           # Tune config key holding one `trials:` entry (explicit recipes)
 
 
 @dataclass
@@ -62,7 +63,7 @@ def _trainable(params: dict, recipe_json: str, split_file: str) -> None:
     from skinsweep.trial import run_trial
 
     recipe = SweepRecipe.model_validate_json(recipe_json)
-    values = recipe.params_from_optuna(params)
+    values = _trial_params(recipe, params)
     cfg = recipe.trial_config(values, split=split_file)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
@@ -168,7 +169,7 @@ class _Consolidate(tune.Callback):
 def consolidate_trial(store, recipe, trial, split_file: str) -> str:
     """Put one finished Tune trial into the store; returns the status recorded."""
     result = trial.last_result or {}
-    params = recipe.params_from_optuna(trial.config)
+    params = _trial_params(recipe, trial.config)
     base_extra = {"node": result.get("node"), "recipe_hash": recipe.hash,
                   **recipe.resources_for(params)}
     ckpt = trial.checkpoint
@@ -303,21 +304,22 @@ def run_sweep(
         if recipe.search:
             searcher = OptunaSearch(space=recipe.define_by_run, metric=metric, mode=mode, sampler=recipe.sampler(),
                                     points_to_evaluate=recipe.optuna_points() or None)
-        else:  # `trials:` recipe: exactly the listed configurations, no search
-            searcher = BasicVariantGenerator(points_to_evaluate=recipe.explicit_points())
+        else:  # `trials:` recipe: exactly the listed configurations (a grid over them), no search
+            searcher = BasicVariantGenerator()
         run_config = tune.RunConfig(
             name=recipe.name, storage_path=str(Path(recipe.storage).resolve()),
             failure_config=tune.FailureConfig(max_failures=recipe.retries),
             callbacks=[_Consolidate(str(out_dir), recipe.model_dump_json(), str(split_file.resolve()))], verbose=0)
+        param_space = {} if recipe.search else {POINT_KEY: tune.grid_search(recipe.explicit_points())}
         tune_config = tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
-                                      num_samples=recipe.num_samples,
+                                      num_samples=recipe.num_samples if recipe.search else 1,
                                       max_concurrent_trials=recipe.resources.max_concurrent_trials)
         if resume:
             console.print(f"resuming sweep {recipe.name} from {out_dir}")
             tuner = tune.Tuner.restore(str(out_dir.resolve()), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+            tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
         console.print(f"sweep {recipe.name}: {recipe.num_samples} trials, recipe {recipe.hash}, split {manifest.hash} "
                       f"→ {out_dir}")
         try:
@@ -347,7 +349,7 @@ def _reconcile(store, recipe, result) -> None:
         with tempfile.TemporaryDirectory(prefix="skinsweep-reconcile-") as tmp:
             local = Path(result.checkpoint.to_directory(tmp))
             summary = json.loads((local / "summary.json").read_text())
-            params = recipe.params_from_optuna(result.config)
+            params = _trial_params(recipe, result.config)
             store.add_trial(summary, predictions=local / "predictions.parquet" if (local / "predictions.parquet").exists() else None,
                             extra={"node": metrics.get("node"), "recipe_hash": recipe.hash,
                                    "checkpoint": _join(result.checkpoint.path, "checkpoint.safetensors"),
@@ -355,7 +357,14 @@ def _reconcile(store, recipe, result) -> None:
 
 
 def _resources(recipe, config: dict) -> dict:
-    return recipe.resources(config)
+    return recipe.resources(_trial_params(recipe, config))
+
+
+def _trial_params(recipe, config: dict) -> dict:
+    """A Tune config → TrialConfig-named params (Optuna names mapped back; a `trials:` point unwrapped)."""
+    if not recipe.search:
+        return dict(config.get(POINT_KEY, {}))
+    return recipe.params_from_optuna(config)
 
 
 def _metric_mode(recipe) -> str:

@@ -116,6 +116,21 @@ def test_failed_first_attempt_is_retried(data, tmp_path, monkeypatch):
     t = load(outcome.out_dir).trials
     assert len(list((tmp_path / "faults").glob("*.failed"))) == 2  # each trial failed once...
     assert (t["status"] == "completed").all() and len(t) == 2      # ...and was retried to completion
+    assert (t["attempts"] == 2).all()
+
+
+def test_trial_that_keeps_failing_is_recorded_as_failed(data, tmp_path, monkeypatch):
+    needs_loopback()
+    from skinsweep.results import load
+    from skinsweep.sweep import run_sweep
+
+    monkeypatch.setenv("SKINSWEEP_FAIL_ONCE", str(tmp_path / "faults"))
+    recipe = write_recipe(tmp_path / "r.yaml", name="fail", storage=tmp_path / "res", data=data, n=2)
+    outcome = run_sweep(recipe, overrides=["scheduler.type=none", "trial.epochs=1", "retries=0"])
+    res = load(outcome.out_dir)
+    assert len(res.trials) == 2 and (res.trials["status"] == "failed").all()
+    assert res.trials["error"].str.contains("injected failure").all()
+    assert len(res.predictions) == 0  # a failed trial has no predictions, and the sweep still finished
 
 
 def test_resume_after_driver_killed(data, tmp_path):
@@ -194,3 +209,26 @@ def test_sweep_bad_input(data, tmp_path, args, message):
     r = CliRunner().invoke(app, ["sweep", str(recipe), *args])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
+
+
+def test_explicit_trials_recipe(data, tmp_path):
+    """A `trials:` recipe (like sweeps/paper.yaml) runs exactly the listed configurations."""
+    needs_loopback()
+    from skinsweep.results import load
+    from skinsweep.sweep import run_sweep
+
+    recipe = tmp_path / "paper-like.yaml"
+    recipe.write_text(f"""
+name: fixed
+storage: {tmp_path / 'res'}
+data: {{root: {data}, image_size: 32}}
+trial: {{backbone: tiny_resnet, mode: finetune, epochs: 1, batch_size: 32}}
+trials:
+  - {{lr: 1.0e-3}}
+  - {{lr: 2.0e-3, backbone: tiny_vit}}
+scheduler: {{type: none}}
+resources: {{cpus_per_trial: 1, max_concurrent_trials: 2}}
+""")
+    t = load(run_sweep(recipe).out_dir).trials
+    assert sorted(zip(t["backbone"], t["lr"])) == [("tiny_resnet", 1e-3), ("tiny_vit", 2e-3)]
+    assert (t["status"] == "completed").all()
