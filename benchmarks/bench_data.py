@@ -3,12 +3,12 @@
     python benchmarks/bench_data.py [--n 2000] [--data DIR] [--batch 64] [--workers 2]
 
 Both paths produce the same thing the trainer consumes — float (B, 3, 224, 224) batches after the
-reference study's ResNet augmentation — through the same pipeline: a torch DataLoader with
-``--workers`` worker processes, each producing whole augmented batches. Only the image source differs:
+reference study's ResNet augmentation, applied batched in the main process — and differ only in where
+the uint8 batch comes from:
 
-* raw:    each worker decodes the batch's JPEGs and resizes them to 224×224 (PIL bicubic, the cache's
-          own ``decode_resize``), then augments the batch;
-* cached: each worker slices the batch from the memory-mapped uint8 cache, then augments it.
+* raw:    a torch DataLoader whose ``--workers`` worker processes decode each JPEG and resize it to
+          224×224 (PIL bicubic, the cache's own ``decode_resize``), every epoch;
+* cached: slices of the memory-mapped uint8 cache, read in the main process (as the trainer does).
 
 The cache is built (and timed) first; the epoch timings exclude it, since one build serves every epoch
 of every trial. Prints images/s for both and the ratio (target: cached ≥ 5×).
@@ -57,45 +57,42 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(n)
     batches = [np.sort(order[s:s + args.batch]) for s in range(0, n, args.batch)]
 
-    class Batches(torch.utils.data.Dataset):
-        """Item k = augmented batch k; ``load(rows)`` gives its uint8 (B, S, S, 3) images."""
-
-        def __init__(self, load):
-            self.load = load
+    class RawBatches(torch.utils.data.Dataset):
+        """Item k = uint8 batch k, decoded and resized from the JPEG files (in a worker process)."""
 
         def __len__(self):
             return len(batches)
 
         def __getitem__(self, k):
-            gen = torch.Generator().manual_seed(k)
-            return aug(torch.from_numpy(self.load(batches[k])), gen)
+            return torch.from_numpy(load_raw(batches[k]))
 
-    def epoch(load) -> float:
-        loader = torch.utils.data.DataLoader(Batches(load), batch_size=None, num_workers=args.workers)
+    def epoch(source) -> float:
         t = time.perf_counter()
         total = 0.0
-        for xb in loader:
-            total += float(xb[0, 0, 0, 0])  # consume the batch
+        for k, xb in enumerate(source):
+            total += float(aug(xb, torch.Generator().manual_seed(k))[0, 0, 0, 0])  # consume the batch
         return time.perf_counter() - t
 
     def load_raw(rows):  # decode + resize every image, every epoch
         return np.stack([decode_resize(paths[i], args.size, "squash") for i in rows])
 
-    raw_s = epoch(load_raw)
+    raw_s = epoch(torch.utils.data.DataLoader(RawBatches(), batch_size=None, num_workers=args.workers))
 
     t = time.perf_counter()
     cache = build_cache(index, size=args.size, workers=args.workers)  # once; every later epoch reads it
     build_s = time.perf_counter() - t
 
-    def load_cached(rows):
-        return np.asarray(cache.images[rows])
-
-    cached_s = epoch(load_cached)
+    cached_s = epoch(torch.from_numpy(np.asarray(cache.images[rows])) for rows in batches)
+    t = time.perf_counter()
+    for rows in batches:
+        np.asarray(cache.images[rows])
+    read_s = time.perf_counter() - t
 
     print(f"images: {n} ({index.df['width'].iloc[0]}×{index.df['height'].iloc[0]} JPEG) → {args.size}×{args.size}, "
-          f"batch {args.batch}, {args.workers} DataLoader workers")
-    print(f"raw epoch     {raw_s:7.2f} s  {n / raw_s:8.1f} images/s   (decode + resize + augment, {args.workers} workers)")
-    print(f"cached epoch  {cached_s:7.2f} s  {n / cached_s:8.1f} images/s   (memmap slice + augment, {args.workers} workers)")
+          f"batch {args.batch}, torch threads {torch.get_num_threads()}")
+    print(f"raw epoch     {raw_s:7.2f} s  {n / raw_s:8.1f} images/s   (decode + resize in {args.workers} workers, augment)")
+    print(f"cached epoch  {cached_s:7.2f} s  {n / cached_s:8.1f} images/s   (memmap slice + augment)")
+    print(f"cache reads   {read_s:7.2f} s  {n / read_s:8.1f} images/s   (memmap slices alone, no augmentation)")
     print(f"cache build   {build_s:7.2f} s  (once per dataset/size/policy; not in the epoch times)")
     print(f"ratio cached/raw: {raw_s / cached_s:.1f}×  (target ≥ 5×)")
     sys.stdout.flush()

@@ -1,6 +1,6 @@
 """Orchestration overhead: the same trials through `skinsweep sweep` (Ray Tune + Optuna) vs a plain loop.
 
-    python benchmarks/bench_sweep.py [--trials 4] [--epochs 6] [--n 900]
+    python benchmarks/bench_sweep.py [--trials 4] [--epochs 12] [--n 1200]
 
 Both sides run the same explicit trial configurations (tiny_resnet fine-tune on synthetic lesions at
 64 px, sized so one trial takes ≳ 20 s here), one at a time with the same CPU threads:
@@ -29,8 +29,8 @@ import yaml
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--n", type=int, default=900, help="synthetic images")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--n", type=int, default=1200, help="synthetic images")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="skinsweep-bench-sweep-"))

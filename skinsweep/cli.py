@@ -23,9 +23,11 @@ data_app = typer.Typer(help="Datasets: synthesise, split, cache and inspect.", n
 app.add_typer(data_app, name="data")
 results_app = typer.Typer(help="Query a sweep's Parquet results.", no_args_is_help=True)
 app.add_typer(results_app, name="results")
+ensemble_app = typer.Typer(help="Ensembles: stack, calibrate, threshold, report, bundle.", no_args_is_help=True)
+app.add_typer(ensemble_app, name="ensemble")
 
 # Tables are wide: outside a terminal (pipes, CI logs) rich would wrap them at 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 120)
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
@@ -306,6 +308,71 @@ def _print_frame(df, title: Optional[str]) -> None:
     for _, row in df.iterrows():
         t.add_row(*(_fmt(v) for v in row.tolist()))
     out.print(t)
+
+
+# ---- ensembles and prediction --------------------------------------------------------------------
+@ensemble_app.command("build")
+@user_errors
+def ensemble_build(
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="Ensemble recipe (ensembles/*.yaml)."),
+    results: Path = typer.Option(..., "--results", help="Sweep folder (results/<sweep>)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default ensembles/<name>/)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set calibration.method=isotonic."),
+    no_bundle: bool = typer.Option(False, "--no-bundle", help="Skip writing the deployment bundle."),
+) -> None:
+    """Fit an ensemble on validation predictions, report it on test (with CIs), export a bundle."""
+    from skinsweep.ensemble import build_ensemble
+
+    rep = build_ensemble(recipe, results, out=out_dir, overrides=set_, bundle=not no_bundle)
+    t = Table(title=f"ensemble {rep['name']} on test ({rep['n']['test']:,} images, {rep['n']['test_pos']:,} melanoma) — "
+                    "95% bootstrap CIs by lesion")
+    metrics = ("auc", "ap", "recall", "specificity", "ece", "brier", "sens_at_spec")
+    t.add_column("model")
+    for c in metrics:
+        t.add_column(c, justify="right")
+    for model, m in rep["test"].items():
+        t.add_row(escape(model), *(_ci(m.get(c)) for c in metrics))
+    out.print(t)
+    d = rep["delong_vs_best"]
+    out.print(f"threshold {rep['threshold']:.4f} (chosen on validation: {rep['threshold_rule']}); "
+              f"DeLong ensemble vs best member {rep['best_member']['label']}: ΔAUC {d['diff']:+.4f}, p = {d['p_value']:.3g}",
+              highlight=False)
+    where = Path(out_dir) if out_dir else Path("ensembles") / rep["name"]
+    out.print(f"wrote {where}/report.json, predictions.parquet, roc.png, pr.png, reliability.png, confusion.png"
+              + (f", bundle {rep['bundle']}" if rep.get("bundle") else ""))
+
+
+@app.command("predict")
+@user_errors
+def predict(
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Deployment bundle folder."),
+    inputs: List[Path] = typer.Argument(..., metavar="IMAGE_OR_FOLDER...", help="Images or folders of images."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write predictions to .csv or .parquet."),
+    tta: bool = typer.Option(False, "--tta", help="Average each member's logit over the image and its mirror."),
+) -> None:
+    """Score images with a bundle: member probabilities, ensemble, calibrated probability, decision."""
+    from skinsweep.bundle import load_bundle
+    from skinsweep.predict import predict_files
+
+    b = load_bundle(bundle)
+    df = predict_files(b, inputs, tta=tta, progress=True)
+    n_err = int(df["error"].notna().sum())
+    if out_file:
+        if out_file.suffix not in (".csv", ".parquet"):
+            raise ConfigError(f"--out {out_file}: use a .csv or .parquet file name")
+        df.to_parquet(out_file, index=False) if out_file.suffix == ".parquet" else df.to_csv(out_file, index=False)
+    shown = df[["image", "calibrated_prob", "decision", "error"]].head(20)
+    _print_frame(shown, title=f"{len(df):,} images, threshold {b.threshold:.4f}"
+                 + (f" — showing 20 (all in {out_file})" if len(df) > 20 and out_file else ""))
+    if n_err:
+        err.print(f"[bold red]error:[/] {n_err} of {len(df)} files could not be scored (see the error column)")
+        raise typer.Exit(1)
+
+
+def _ci(m) -> str:
+    if not m or m.get("estimate") is None:
+        return "-"
+    return f"{m['estimate']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]" if m.get("lo") is not None else f"{m['estimate']:.3f}"
 
 
 @app.command("backbones")

@@ -1,0 +1,176 @@
+"""Deployment bundles: everything needed to score a new image, in JSON + safetensors (no pickle).
+
+Layout::
+
+    bundle.json                      members (backbone spec, data config, head), combiner and calibrator
+                                     parameters, threshold, recipe, split/recipe hashes, library versions
+    members/<trial_id>/model.json    the trial's own model description (as written by the trial)
+    members/<trial_id>/checkpoint.safetensors
+    manifest.json                    sha256 of every file above
+
+:func:`load_bundle` verifies the manifest first and refuses a tampered or incomplete bundle.
+``Bundle.predict`` reproduces the evaluation path exactly: decode + resize as the image cache does,
+the member's eval transform, member logits, combiner, calibrator, threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from skinsweep.errors import DataError
+from skinsweep.fsutil import atomic_write_text
+
+BUNDLE_JSON = "bundle.json"
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_bundle(folder: str | Path, results, members: list[str], combiner, calibrator, threshold: float,
+                  recipe, report: dict) -> Path:
+    """Write a bundle for ``members`` (trial ids of ``results``) with the fitted combiner/calibrator."""
+    from skinsweep.trial import versions
+
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)  # a bundle is rebuilt whole; never a mix of two builds
+    (folder / "members").mkdir(parents=True)
+    trials = results.trials.set_index("trial_id")
+    entries = []
+    for m in members:
+        ckpt = Path(str(trials.loc[m, "checkpoint"]))
+        model_json = ckpt.with_name("model.json")
+        if not ckpt.is_file() or not model_json.is_file():
+            raise DataError(f"member {m}: checkpoint {ckpt} (or its model.json) is missing; the sweep's storage "
+                            "must be readable from here")
+        dst = folder / "members" / m
+        dst.mkdir()
+        shutil.copy2(ckpt, dst / "checkpoint.safetensors")
+        shutil.copy2(model_json, dst / "model.json")
+        entries.append({"trial_id": m, "path": f"members/{m}", "model": json.loads(model_json.read_text())})
+    meta = {
+        "format": FORMAT, "name": recipe.name, "members": entries, "combiner": combiner.to_dict(),
+        "calibrator": calibrator.to_dict(), "threshold": float(threshold), "threshold_rule": recipe.threshold.kwargs(),
+        "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
+        "split_hash": report.get("split_hash"), "versions": versions(),
+    }
+    atomic_write_text(folder / BUNDLE_JSON, json.dumps(meta, indent=2))
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = {"format": FORMAT, "files": {str(p.relative_to(folder)): _sha256(p) for p in files}}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
+    return folder
+
+
+@dataclass
+class Bundle:
+    path: Path
+    meta: dict
+    models: list[Any]            # Classifier per member, eval mode
+    model_meta: list[dict]
+    combiner: Any
+    calibrator: Any
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @property
+    def member_ids(self) -> list[str]:
+        return [e["trial_id"] for e in self.meta["members"]]
+
+    def member_logits(self, images: Sequence, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
+        """Logits (N, M) for ``images`` (file paths or PIL images)."""
+        import torch
+
+        from skinsweep.data.cache import decode_resize
+        from skinsweep.data.transforms import DataConfig, eval_transform
+
+        out = np.zeros((len(images), len(self.models)), dtype=np.float64)
+        decoded: dict[tuple, np.ndarray] = {}
+        for j, (model, mm) in enumerate(zip(self.models, self.model_meta)):
+            key = (int(mm["image_size"]), mm["resize_policy"])
+            if key not in decoded:  # members sharing a size/policy share one decode
+                decoded[key] = np.stack([_decode(im, *key, decode_resize) for im in images])
+            t = eval_transform(DataConfig.from_dict(mm["data_config"]))
+            arr = decoded[key]
+            for s in range(0, len(arr), batch_size):
+                x = t(torch.from_numpy(arr[s:s + batch_size].copy()))
+                with torch.no_grad():
+                    logit = model(x)
+                    if tta:
+                        logit = (logit + model(torch.flip(x, dims=[-1]))) / 2
+                out[s:s + batch_size, j] = logit.double().numpy()
+        return out
+
+    def predict(self, images: Sequence, *, tta: bool = False) -> pd.DataFrame:
+        """Per image: member probabilities, ensemble probability, calibrated probability, decision."""
+        X = self.member_logits(images, tta=tta)
+        ens = self.combiner.predict_logit(X)
+        cal = self.calibrator.predict_proba(ens)
+        df = pd.DataFrame({f"prob_{m}": 1 / (1 + np.exp(-X[:, j])) for j, m in enumerate(self.member_ids)})
+        df.insert(0, "image", [str(i) if isinstance(i, (str, Path)) else f"<image {k}>" for k, i in enumerate(images)])
+        df["ensemble_prob"] = 1 / (1 + np.exp(-ens))
+        df["calibrated_prob"] = cal
+        df["decision"] = (cal >= self.threshold).astype("int8")
+        return df
+
+
+def _decode(image, size: int, policy: str, decode_resize) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        return decode_resize(image, size, policy)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".png") as f:  # same decode path for in-memory images
+        image.save(f.name)
+        return decode_resize(f.name, size, policy)
+
+
+def verify_bundle(path: str | Path) -> dict:
+    """Check the manifest: every listed file present with its sha256, bundle.json listed. Returns bundle.json."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise DataError(f"{path} is not a skinsweep bundle (no {MANIFEST}); build one with `skinsweep ensemble build`")
+    manifest = json.loads((path / MANIFEST).read_text())
+    files = manifest.get("files", {})
+    if BUNDLE_JSON not in files:
+        raise DataError(f"{path}/{MANIFEST} does not list {BUNDLE_JSON}; the bundle is incomplete — rebuild it")
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise DataError(f"bundle {path} is incomplete: missing {', '.join(missing[:3])}; rebuild it")
+    changed = [f for f, h in files.items() if _sha256(path / f) != h]
+    if changed:
+        raise DataError(f"bundle {path} was modified after it was built ({', '.join(changed[:3])} fail the sha256 "
+                        "check); rebuild it with `skinsweep ensemble build`")
+    return json.loads((path / BUNDLE_JSON).read_text())
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Verify and load a bundle (CPU). ``load_bundle(p).predict([...])`` scores images."""
+    from skinsweep.calibration import calibrator_from_dict
+    from skinsweep.combine import combiner_from_dict
+    from skinsweep.trial import load_trial_model
+
+    path = Path(path)
+    meta = verify_bundle(path)
+    models, model_meta = [], []
+    for e in meta["members"]:
+        model, mm = load_trial_model(path / e["path"])
+        models.append(model)
+        model_meta.append(mm)
+    return Bundle(path=path, meta=meta, models=models, model_meta=model_meta,
+                  combiner=combiner_from_dict(meta["combiner"]), calibrator=calibrator_from_dict(meta["calibrator"]))

@@ -1,0 +1,592 @@
+"""Combiners: several members' logits -> one ensemble logit, fitted on validation predictions.
+
+Input is a member-logit matrix ``X`` of shape (N, M) -- one row per image, one column per member,
+always in the same member order -- and the output is an ensemble **logit** of shape (N,), which
+:mod:`skinsweep.calibration` then turns into a probability::
+
+    comb = make_combiner("stacking", C=1.0)
+    oof = comb.fit_crossfit(X_val, y_val, lesion_val)        # honest val logits; comb ends fitted on all
+    test_logit = comb.predict_logit(X_test)                  # (N_test,)
+    json.dumps(comb.to_dict())                               # the bundle stores this, never a pickle
+
+===============  ============================================================  ===============
+name             ensemble logit                                                fitted on labels
+===============  ============================================================  ===============
+``mean_prob``    logit(mean_j sigmoid(x_j))                                    no
+``mean_logit``   mean_j x_j                                                    no
+``weighted``     sum_j w_j x_j, w >= 0, sum w = 1 (given, or min. log-loss)    unless given
+``stacking``     logistic regression on [x, extra] (extra: (N, F) metadata)    yes
+``greedy``       logit(sum_j w_j sigmoid(x_j)), w from Caruana selection       yes
+===============  ============================================================  ===============
+
+Every combiner has the same API (``fit``, ``predict_logit``, ``fit_crossfit``, ``to_dict`` /
+``from_dict``) so callers treat them uniformly. ``fit`` records the member count, so predicting
+with a different member set fails loudly. Only ``stacking`` accepts ``extra``.
+
+Honest validation scores. A combiner fitted on validation rows scores them too well. ``fit_crossfit``
+returns out-of-fold logits: each row is scored by a copy fitted on the other folds, which are
+grouped by lesion (:func:`skinsweep.calibration.crossfit_folds`), so neither the row's own label
+nor its lesion's is used to score it. This protects against the *combiner's* overfitting only: a
+member that itself saw validation labels (e.g. was early-stopped on them) leaks in a way no
+cross-fitting of the combiner can detect.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit, log_expit, logsumexp, softmax
+from sklearn.base import BaseEstimator, clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+from skinsweep.calibration import (
+    _construct,
+    _from_dict,
+    _jsonable,
+    _lookup,
+    _positive_float,
+    _state_field,
+    check_groups,
+    check_labels,
+    crossfit_folds,
+)
+from skinsweep.errors import ConfigError
+
+__all__ = [
+    "COMBINER_FORMAT",
+    "Combiner",
+    "GreedyEnsemble",
+    "GreedyResult",
+    "MeanLogit",
+    "MeanProb",
+    "Stacking",
+    "WeightedMean",
+    "combiner_from_dict",
+    "greedy_selection",
+    "list_combiners",
+    "make_combiner",
+]
+
+COMBINER_FORMAT = "skinsweep.combiner/1"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def check_members(X: Any, *, name: str = "X") -> np.ndarray:
+    """Member logits as a finite float64 array of shape (N, M), N, M >= 1."""
+    arr = np.asarray(X, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ConfigError(
+            f"{name} must be member logits of shape (N images, M members), got shape {arr.shape}; "
+            "stack one column per member (a single member is X[:, None])"
+        )
+    if not np.isfinite(arr).all():
+        raise ConfigError(f"{name} contains {int((~np.isfinite(arr)).sum())} NaN/inf logit(s); check the members' predictions")
+    return arr
+
+
+def _logit_of_mean_prob(X: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``logit(sum_j w_j sigmoid(X[:, j]))`` for weights summing to 1, shape (N,).
+
+    Computed as log(sum w sigmoid(x)) - log(sum w sigmoid(-x)) in log space, so members with
+    saturated probabilities (|logit| > ~37 in float64) give a finite, exact logit instead of
+    logit(1.0) = inf.
+    """
+    keep = w > 0  # log of zero weights is -inf; dropping them is exact
+    Xk, wk = X[:, keep], w[keep]
+    return logsumexp(log_expit(Xk), axis=1, b=wk) - logsumexp(log_expit(-Xk), axis=1, b=wk)
+
+
+def _check_weights(weights: Any, m: int, *, normalise: bool = True) -> np.ndarray:
+    """Validated weights, shape (m,); ``normalise=False`` (loading a dict) keeps them bit-exact."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (m,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"weights must be {m} finite non-negative numbers, not all zero (one per member), got {weights!r}")
+    return w / w.sum() if normalise else w
+
+
+def _check_int(name: str, value: Any, low: int, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}{'; ' + hint if hint else ''}")
+    return int(value)
+
+
+# ----------------------------------------------------------------------------- fast column metrics
+# Greedy selection scores every candidate ensemble at every step: 200 candidates x 50 steps is
+# 10,000 AUCs. sklearn.metrics.roc_auc_score validates its input and builds a full ROC curve per
+# call (~2 ms each on a 2-core CI box, so ~20 s in all); sorting the whole (N, C) candidate matrix
+# once gives all C values in ~12 ms for (1500, 200). The ranks come from one argsort plus tie
+# bookkeeping rather than scipy.stats.rankdata(axis=0), which alone takes ~23 ms on that matrix and
+# would double the loop. Both metrics reproduce sklearn's values exactly, ties included
+# (tests/test_combine.py checks this), and depend only on the ordering of each column.
+
+
+def _sorted_tie_blocks(S: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort each column of ``S`` (N, C) in decreasing order and locate runs of tied scores.
+
+    Returns ``(y_sorted, start, end)``, each (N, C): the labels in sorted order, and for every
+    sorted position the first and last position of its tie block.
+    """
+    n, c = S.shape
+    order = np.argsort(-S, axis=0)  # ties are handled as blocks, so no need for (slower) stable
+    s_sorted = np.take_along_axis(S, order, axis=0)
+    pos = np.arange(n)[:, None]
+    differs = s_sorted[1:] != s_sorted[:-1]  # (N-1, C): a new block starts below
+    is_start = np.vstack([np.ones((1, c), dtype=bool), differs])
+    is_end = np.vstack([differs, np.ones((1, c), dtype=bool)])
+    start = np.maximum.accumulate(np.where(is_start, pos, 0), axis=0)
+    end = np.minimum.accumulate(np.where(is_end, pos, n - 1)[::-1], axis=0)[::-1]
+    return y[order], start, end
+
+
+def _auc_columns(S: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """ROC-AUC of every column of ``S`` (N, C) against ``y`` (N,): Mann-Whitney U from ranks.
+
+    AUC = (sum of positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), with increasing
+    1-based ranks averaged over ties, which counts tied pairs as half, exactly like roc_auc_score.
+    """
+    n = y.shape[0]
+    n_pos = int(y.sum())
+    y_sorted, start, end = _sorted_tie_blocks(S, y)
+    # Decreasing position p has increasing rank n - p; a tie block gets the mean over its positions.
+    ranks = n - (start + end) / 2.0
+    return ((ranks * y_sorted).sum(axis=0) - n_pos * (n_pos + 1) / 2.0) / (n_pos * (n - n_pos))
+
+
+def _ap_columns(S: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Average precision of every column of ``S`` (N, C), as sklearn's average_precision_score.
+
+    AP = sum over thresholds of (recall step) x precision. Tied scores form one threshold, so each
+    positive gets the precision at the end of its tie block.
+    """
+    y_sorted, _, end = _sorted_tie_blocks(S, y)
+    tp = np.cumsum(y_sorted, axis=0)
+    precision_at_end = np.take_along_axis(tp, end, axis=0) / (end + 1.0)
+    return (precision_at_end * y_sorted).sum(axis=0) / y.sum()
+
+
+_COLUMN_METRICS = {"auc": _auc_columns, "ap": _ap_columns}
+
+
+# ----------------------------------------------------------------------------- greedy selection
+
+
+class GreedyResult(dict):
+    """Outcome of :func:`greedy_selection`: a dict ``{member index: times picked}`` over the selected
+    members (so ``dict(result)`` / ``result.items()`` work like a plain count table), with the
+    details as attributes -- a dict with attributes, like scikit-learn's ``Bunch``.
+
+    Attributes:
+        counts: shape (M,), times each member was picked (0 = not in the ensemble).
+        weights: shape (M,), ``counts / counts.sum()``: the mean-probability ensemble's weights.
+        order: member indices in the order they were added (repeats possible).
+        scores: the ensemble's validation metric after each addition (strictly increasing).
+        stop_reason: "n_iter" (size limit reached), "no_improvement" (no candidate strictly improved
+            the metric) or "pool_exhausted" (without replacement, every candidate was used).
+    """
+
+    def __init__(self, counts: np.ndarray, order: list[int], scores: list[float], stop_reason: str) -> None:
+        super().__init__({int(i): int(counts[i]) for i in np.flatnonzero(counts)})
+        self.counts = counts
+        self.weights = counts / counts.sum()
+        self.order = order
+        self.scores = scores
+        self.stop_reason = stop_reason
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Selected member indices (sorted), shape (K,)."""
+        return np.flatnonzero(self.counts)
+
+    def __repr__(self) -> str:
+        return f"GreedyResult({dict(self)}, score={self.scores[-1]:.4g}, stop_reason={self.stop_reason!r})"
+
+
+def greedy_selection(
+    X_val: Any,
+    y_val: Any,
+    *,
+    metric: Literal["auc", "ap"] = "auc",
+    n_iter: int = 50,
+    top_n: int | None = None,
+    with_replacement: bool = True,
+) -> GreedyResult:
+    """Forward ensemble selection with replacement (Caruana et al., ICML 2004).
+
+    The candidate pool is the ``top_n`` members by single-member ``metric`` (all when None). The
+    ensemble starts as the best member; each step adds the candidate (already-picked ones again
+    when ``with_replacement``) whose addition gives the best metric of the mean-probability
+    ensemble. It stops after ``n_iter`` picks in total (the first included) or, earlier, at the first
+    step where no candidate strictly improves the metric. Picking a member k times gives it weight
+    k / n_picks. Ties go to the better single member.
+
+    The selection overfits the rows it is run on; use ``GreedyEnsemble.fit_crossfit`` for honest
+    validation scores.
+
+    Args:
+        X_val: shape (N, M), member logits on validation.
+        y_val: shape (N,), labels in {0, 1}; needs both classes.
+        metric: "auc" (ROC-AUC) or "ap" (average precision).
+        n_iter: maximum number of picks (ensemble size), >= 1.
+        top_n: size of the candidate pool, 1..M, or None for all members.
+        with_replacement: allow a member to be picked repeatedly (Caruana's default).
+
+    Returns:
+        A :class:`GreedyResult`: ``{member index: count}`` for the picked members, plus
+        ``counts`` / ``weights`` (M,), the pick ``order``, ``scores`` and ``stop_reason``.
+    """
+    X = check_members(X_val, name="X_val")
+    y = check_labels(y_val, X.shape[0], name="y_val")
+    if metric not in _COLUMN_METRICS:
+        raise ConfigError(f"metric must be one of {sorted(_COLUMN_METRICS)}, got {metric!r}")
+    score_columns = _COLUMN_METRICS[metric]
+    n_iter = _check_int("n_iter", n_iter, 1)
+    m = X.shape[1]
+    top_n = m if top_n is None else _check_int("top_n", top_n, 1)
+    if top_n > m:
+        raise ConfigError(f"top_n={top_n} exceeds the number of members ({m}); use at most {m} or None")
+
+    P = expit(X)
+    single = score_columns(P, y)
+    pool = np.argsort(-single, kind="stable")[:top_n]  # best first, so argmax ties favour it
+
+    counts = np.zeros(m, dtype=np.int64)
+    first = int(pool[0])
+    counts[first] = 1
+    # Metrics depend only on each column's ordering, so the running *sum* of probabilities stands in
+    # for the mean (dividing every candidate by the same k + 1 changes no ranks).
+    total = P[:, first].copy()
+    order, scores = [first], [float(single[first])]
+    stop_reason = "n_iter"
+    while len(order) < n_iter:
+        cand = pool if with_replacement else pool[counts[pool] == 0]
+        if cand.size == 0:
+            stop_reason = "pool_exhausted"
+            break
+        cand_scores = score_columns(total[:, None] + P[:, cand], y)
+        best = int(np.argmax(cand_scores))
+        # Strict improvement (beyond float noise; real AUC steps are >= 1 / (n_pos n_neg)).
+        if not cand_scores[best] > scores[-1] + 1e-12:
+            stop_reason = "no_improvement"
+            break
+        j = int(cand[best])
+        counts[j] += 1
+        total += P[:, j]
+        order.append(j)
+        scores.append(float(cand_scores[best]))
+    return GreedyResult(counts, order, scores, stop_reason)
+
+
+# ----------------------------------------------------------------------------- combiners
+
+COMBINERS: dict[str, type[Combiner]] = {}
+
+
+def register_combiner(name: str):
+    """Class decorator adding a Combiner subclass to the registry under ``name``."""
+
+    def decorator(cls: type[Combiner]) -> type[Combiner]:
+        if name in COMBINERS:
+            raise ValueError(f"combiner {name!r} is already registered")
+        cls.kind = name
+        COMBINERS[name] = cls
+        return cls
+
+    return decorator
+
+
+class Combiner(BaseEstimator):
+    """Base class. Subclasses implement ``_fit(X, y, E)``, ``_predict(X, E)`` and, when they have
+    fitted parameters, ``_state()`` / ``_load(state)``; ``n_members_`` is handled here."""
+
+    kind: ClassVar[str] = ""
+    uses_labels: ClassVar[bool] = True  # False: fit only records shapes, out-of-fold = in-sample
+    accepts_extra: ClassVar[bool] = False
+
+    def fit(self, X: Any, y: Any, *, extra: Any = None) -> Combiner:
+        """Fit on validation member logits ``X`` (N, M), labels ``y`` (N,), optional ``extra`` (N, F)."""
+        X = check_members(X)
+        y = check_labels(y, X.shape[0], both_classes=self.uses_labels)
+        E = self._check_extra(extra, X.shape[0])
+        self.n_members_ = X.shape[1]
+        self._fit(X, y, E)
+        return self
+
+    def predict_logit(self, X: Any, *, extra: Any = None) -> np.ndarray:
+        """Ensemble logit, shape (N,), for member logits ``X`` (N, M) in the fitted member order."""
+        check_is_fitted(self)
+        X = check_members(X)
+        if X.shape[1] != self.n_members_:
+            raise ConfigError(
+                f"X has {X.shape[1]} member columns but the {self.kind!r} combiner was fitted on "
+                f"{self.n_members_} members; pass the same members in the same order"
+            )
+        return self._predict(X, self._check_extra(extra, X.shape[0], fitted=True))
+
+    def fit_crossfit(
+        self, X: Any, y: Any, groups: Any, *, n_splits: int = 5, seed: int = 0, extra: Any = None
+    ) -> np.ndarray:
+        """Out-of-fold ensemble logits for the validation rows; this combiner ends fitted on all rows.
+
+        Args:
+            X: shape (N, M), member logits on validation.
+            y: shape (N,), labels in {0, 1}.
+            groups: shape (N,), lesion id per image, or None (each image its own lesion).
+            n_splits, seed: see :func:`skinsweep.calibration.crossfit_folds`.
+            extra: shape (N, F), extra features (``stacking`` only).
+
+        Returns:
+            Shape (N,) logits, each from a copy fitted without that row's lesion (for combiners that
+            do not use labels: the in-sample logits). Afterwards ``self`` is fitted on all N rows,
+            for test and deployment (like ``fit``).
+        """
+        X = check_members(X)
+        y = check_labels(y, X.shape[0], both_classes=self.uses_labels)
+        E = self._check_extra(extra, X.shape[0])
+        if not self.uses_labels:  # nothing learnt from labels, so nothing to hold out
+            check_groups(groups, X.shape[0])
+            self.fit(X, y, extra=E)
+            return self.predict_logit(X, extra=E)
+        oof = np.empty(X.shape[0], dtype=np.float64)
+        for fit_idx, score_idx in crossfit_folds(y, groups, n_splits=n_splits, seed=seed):
+            part = None if E is None else E[fit_idx]
+            model = clone(self).fit(X[fit_idx], y[fit_idx], extra=part)
+            oof[score_idx] = model.predict_logit(X[score_idx], extra=None if E is None else E[score_idx])
+        self.fit(X, y, extra=E)
+        return oof
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able ``{"format", "kind", "params", "state"}``; state always has ``n_members``."""
+        check_is_fitted(self)
+        state = {"n_members": self.n_members_, **self._state()}
+        return {
+            "format": COMBINER_FORMAT,
+            "kind": self.kind,
+            "params": {k: _jsonable(v) for k, v in self.get_params().items()},
+            "state": {k: _jsonable(v) for k, v in state.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Combiner:
+        """Rebuild a fitted combiner from :meth:`to_dict` output (predicts identically)."""
+        obj = _from_dict(COMBINERS, COMBINER_FORMAT, d, "combiner", "list_combiners()")
+        if cls is not Combiner and not isinstance(obj, cls):
+            raise ConfigError(f"dict holds a {obj.kind!r} combiner, not {cls.kind!r}; use combiner_from_dict()")
+        return obj
+
+    def _check_extra(self, extra: Any, n: int, *, fitted: bool = False) -> np.ndarray | None:
+        if extra is None:
+            if fitted and getattr(self, "n_extra_", 0):
+                raise ConfigError(f"this combiner was fitted with {self.n_extra_} extra feature(s); pass extra=")
+            return None
+        if not self.accepts_extra:
+            raise ConfigError(f"combiner {self.kind!r} cannot use extra (metadata) features; use 'stacking'")
+        E = np.asarray(extra, dtype=np.float64)
+        if E.ndim != 2 or E.shape[0] != n or not np.isfinite(E).all():
+            raise ConfigError(f"extra must be finite features of shape ({n}, F), got shape {E.shape}; one-hot encode categories")
+        if fitted and E.shape[1] != self.n_extra_:
+            raise ConfigError(f"extra has {E.shape[1]} columns but the combiner was fitted on {self.n_extra_}")
+        return E
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.n_members_ = int(_state_field(state, "n_members", "combiner"))
+        self._load(state)
+
+    # subclass hooks
+    def _fit(self, X: np.ndarray, y: np.ndarray, E: np.ndarray | None) -> None:
+        pass
+
+    def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, Any]:
+        return {}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@register_combiner("mean_prob")
+class MeanProb(Combiner):
+    """``logit(mean_j sigmoid(x_j))``: the classic probability-averaging ensemble. No parameters."""
+
+    uses_labels = False
+
+    def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
+        return _logit_of_mean_prob(X, np.full(X.shape[1], 1.0 / X.shape[1]))
+
+
+@register_combiner("mean_logit")
+class MeanLogit(Combiner):
+    """``mean_j x_j``: geometric mean of odds; less swayed by one over-confident member. No parameters."""
+
+    uses_labels = False
+
+    def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
+        return X.mean(axis=1)
+
+
+@register_combiner("weighted")
+class WeightedMean(Combiner):
+    """``sum_j w_j x_j`` with ``w >= 0``, ``sum w = 1``: given, or fitted by minimising log-loss.
+
+    Fitting parametrises ``w = softmax(theta)`` (so the constraints hold by construction) and
+    minimises the mean log-loss of ``a * (X @ w) + b`` with L-BFGS. The scale ``a > 0`` and bias ``b``
+    are nuisance parameters that are *not* applied to the output: members trained with weighted BCE
+    are shifted and over-confident, and fixing that is the calibrator's job, so the weights should
+    reflect how well members rank, not how well their raw probabilities happen to be calibrated.
+
+    Parameters:
+        weights: shape (M,) non-negative, normalised to sum 1; None = fit them on validation.
+        max_iter: L-BFGS iterations when fitting.
+
+    Fitted state: ``weights_`` (M,).
+    """
+
+    def __init__(self, *, weights: Any = None, max_iter: int = 500) -> None:
+        self.weights = weights
+        self.max_iter = max_iter
+
+    @property
+    def uses_labels(self) -> bool:  # type: ignore[override]
+        return self.weights is None
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, E: np.ndarray | None) -> None:
+        m = X.shape[1]
+        if self.weights is not None:
+            self.weights_ = _check_weights(self.weights, m)
+            return
+        max_iter = _check_int("max_iter", self.max_iter, 1)
+        yf = y.astype(np.float64)
+
+        def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+            theta, log_a, b = params[:m], params[m], params[m + 1]
+            w, a = softmax(theta), math.exp(log_a)
+            s = X @ w
+            u = a * s + b
+            r = (expit(u) - yf) / X.shape[0]  # d mean-loss / d u
+            g_w = a * (X.T @ r)
+            grad = np.concatenate([w * (g_w - w @ g_w), [a * (r @ s), r.sum()]])  # softmax Jacobian
+            return float(np.mean(np.logaddexp(0.0, u) - yf * u)), grad
+
+        # Start from equal weights, unit scale, zero bias: a deterministic, symmetric start.
+        res = minimize(loss, np.zeros(m + 2), jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
+        self.weights_ = softmax(res.x[:m])
+
+    def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
+        return X @ self.weights_
+
+    def _state(self) -> dict[str, Any]:
+        return {"weights": self.weights_}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.weights_ = _check_weights(_state_field(state, "weights", "combiner"), self.n_members_, normalise=False)
+
+
+@register_combiner("stacking")
+class Stacking(Combiner):
+    """Logistic regression on member logits (and optional extra features such as age, sex, site).
+
+    Columns are standardised before the L2-penalised fit (scikit-learn ``StandardScaler`` +
+    ``LogisticRegression``) so that ``C`` means the same for logits and for age in years; the
+    scaling is then folded into the coefficients, so prediction is one dot product in raw units.
+    The output is the regression's logit, ``[X, extra] @ coef_ + intercept_``.
+
+    Parameters:
+        C: inverse L2 strength (smaller = stronger shrinkage toward equal-nothing weights).
+        max_iter: lbfgs iterations.
+
+    Fitted state: ``coef_`` (M + F,), member columns first, then extra; ``intercept_``; ``n_extra_``.
+    """
+
+    accepts_extra = True
+
+    def __init__(self, *, C: float = 1.0, max_iter: int = 1000) -> None:
+        self.C = C
+        self.max_iter = max_iter
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, E: np.ndarray | None) -> None:
+        C = _positive_float("C", self.C, "e.g. 1.0; smaller values regularise more")
+        max_iter = _check_int("max_iter", self.max_iter, 1)
+        Z = X if E is None else np.hstack([X, E])
+        scaler = StandardScaler().fit(Z)  # a constant column gets scale 1 (and so coefficient 0)
+        lr = LogisticRegression(C=C, max_iter=max_iter).fit(scaler.transform(Z), y)
+        coef = lr.coef_[0] / scaler.scale_
+        self.coef_ = coef
+        self.intercept_ = float(lr.intercept_[0] - coef @ scaler.mean_)
+        self.n_extra_ = 0 if E is None else E.shape[1]
+
+    def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
+        Z = X if E is None else np.hstack([X, E])
+        return Z @ self.coef_ + self.intercept_
+
+    def _state(self) -> dict[str, Any]:
+        return {"coef": self.coef_, "intercept": self.intercept_, "n_extra": self.n_extra_}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.n_extra_ = int(_state_field(state, "n_extra", "combiner"))
+        self.coef_ = np.asarray(_state_field(state, "coef", "combiner"), dtype=np.float64)
+        self.intercept_ = float(_state_field(state, "intercept", "combiner"))
+        if self.coef_.shape != (self.n_members_ + self.n_extra_,):
+            raise ConfigError("stacking combiner dict: coef needs n_members + n_extra entries")
+
+
+@register_combiner("greedy")
+class GreedyEnsemble(Combiner):
+    """Caruana-style selected ensemble: ``logit(sum_j w_j sigmoid(x_j))``, ``w`` from
+    :func:`greedy_selection` (members never picked get weight 0).
+
+    Parameters: ``metric``, ``n_iter``, ``top_n``, ``with_replacement`` as in :func:`greedy_selection`.
+
+    Fitted state: ``weights_`` (M,). ``selection_`` (the :class:`GreedyResult`) is kept after
+    ``fit`` for inspection but is not part of ``to_dict``.
+    """
+
+    def __init__(
+        self,
+        *,
+        metric: Literal["auc", "ap"] = "auc",
+        n_iter: int = 50,
+        top_n: int | None = None,
+        with_replacement: bool = True,
+    ) -> None:
+        self.metric = metric
+        self.n_iter = n_iter
+        self.top_n = top_n
+        self.with_replacement = with_replacement
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, E: np.ndarray | None) -> None:
+        self.selection_ = greedy_selection(X, y, metric=self.metric, n_iter=self.n_iter, top_n=self.top_n,
+                                           with_replacement=self.with_replacement)
+        self.weights_ = self.selection_.weights
+
+    def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
+        return _logit_of_mean_prob(X, self.weights_)
+
+    def _state(self) -> dict[str, Any]:
+        return {"weights": self.weights_}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.weights_ = _check_weights(_state_field(state, "weights", "combiner"), self.n_members_, normalise=False)
+
+
+def list_combiners() -> list[str]:
+    """Sorted names accepted by :func:`make_combiner`."""
+    return sorted(COMBINERS)
+
+
+def make_combiner(name: str, **kwargs: Any) -> Combiner:
+    """Build combiner ``name`` (see the module table); keyword arguments set to None keep the default."""
+    cls = _lookup(COMBINERS, name, "combiner", "list_combiners()")
+    return _construct(cls, {k: v for k, v in kwargs.items() if v is not None}, "combiner")
+
+
+def combiner_from_dict(d: dict[str, Any]) -> Combiner:
+    """Rebuild any combiner from its :meth:`Combiner.to_dict` output."""
+    return Combiner.from_dict(d)

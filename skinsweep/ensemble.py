@@ -1,0 +1,361 @@
+"""Ensembles: pick members from a sweep, combine, calibrate, choose the operating point, report.
+
+Everything is fitted on **validation** predictions only; **test** is scored once, for the report:
+
+1. members   — explicit trial ids, a rule over ``trials.parquet`` (best completed trial per backbone,
+               top-k), or greedy ensemble selection (Caruana et al. 2004) on validation;
+2. align     — every member must have scored the same images with the same split hash;
+3. combine   — mean of probabilities / logits, weighted mean, or logistic stacking on member logits,
+               cross-fitted on validation (out-of-fold, grouped by lesion) so validation scores are
+               honest; the final combiner is fitted on all validation rows;
+4. calibrate — none / temperature / Platt / isotonic, cross-fitted the same way;
+5. threshold — chosen on validation (target sensitivity, default 0.95; or specificity; or Youden);
+6. report    — each member and the ensemble on test with 95% bootstrap CIs (resampled by lesion),
+               a paired DeLong test of ensemble vs best member, plots, ``predictions.parquet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from skinsweep.errors import ConfigError, DataError, short_list
+from skinsweep.fsutil import atomic_path, atomic_write_text
+
+REPORT_JSON = "report.json"
+PREDICTIONS = "predictions.parquet"
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipe
+# --------------------------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MembersSpec(_Strict):
+    rule: Literal["explicit", "best_per_backbone", "top_k", "greedy"] = "best_per_backbone"
+    trials: list[str] = Field([], description="explicit: trial ids")
+    backbones: Optional[list[str]] = Field(None, description="best_per_backbone / top_k: restrict to these")
+    modes: Optional[list[Literal["finetune", "linear_probe"]]] = None
+    by: str = Field("val_auc", description="trials.parquet column that ranks candidates (validation only)")
+    k: int = Field(3, ge=1, description="top_k: members per backbone")
+    top_n: int = Field(20, ge=1, description="greedy: candidates (best by `by`)")
+    n_iter: int = Field(25, ge=1, description="greedy: selection rounds (with replacement)")
+    metric: Literal["auc", "ap"] = "auc"
+
+    @model_validator(mode="after")
+    def _rule_fields(self) -> "MembersSpec":
+        if self.rule == "explicit" and not self.trials:
+            raise ValueError("rule explicit needs `trials: [id, …]`")
+        if self.rule != "explicit" and self.trials:
+            raise ValueError(f"`trials` is only for rule explicit (rule is {self.rule})")
+        if not self.by.startswith("val_"):
+            raise ValueError(f"by {self.by!r}: members are chosen on validation metrics only (val_auc, val_ap, …)")
+        return self
+
+
+class CombinerSpec(_Strict):
+    type: Literal["mean_prob", "mean_logit", "weighted", "stacking"] = "stacking"
+    C: float = Field(1.0, gt=0, description="stacking: inverse L2 strength")
+    metadata: bool = Field(False, description="stacking: add age, sex and site features when the index has them")
+    n_splits: int = Field(5, ge=2, description="cross-fitting folds on validation (grouped by lesion)")
+
+
+class CalibrationSpec(_Strict):
+    method: Literal["none", "temperature", "platt", "isotonic"] = "temperature"
+
+
+class ThresholdSpec(_Strict):
+    target_sensitivity: Optional[float] = Field(None, gt=0, le=1)
+    target_specificity: Optional[float] = Field(None, gt=0, le=1)
+    youden: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> "ThresholdSpec":
+        n = sum([self.target_sensitivity is not None, self.target_specificity is not None, self.youden])
+        if n > 1:
+            raise ValueError("choose one of target_sensitivity, target_specificity, youden")
+        return self
+
+    def kwargs(self) -> dict:
+        if self.target_specificity is not None:
+            return {"target_specificity": self.target_specificity}
+        if self.youden:
+            return {"youden": True}
+        return {"target_sensitivity": self.target_sensitivity or 0.95}
+
+
+class ReportSpec(_Strict):
+    n_boot: int = Field(2000, ge=100)
+    seed: int = 0
+    spec_for_sens: float = Field(0.9, gt=0, lt=1, description="report sensitivity at this specificity")
+
+
+class EnsembleRecipe(_Strict):
+    name: str
+    members: MembersSpec = MembersSpec()
+    combiner: CombinerSpec = CombinerSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    threshold: ThresholdSpec = ThresholdSpec()
+    report: ReportSpec = ReportSpec()
+    seed: int = 0
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def load_ensemble_recipe(path: str | Path, overrides: list[str] = ()) -> EnsembleRecipe:
+    """YAML → EnsembleRecipe; ``overrides`` are ``key.path=value`` (``--set``). Errors: one line."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"ensemble recipe not found: {path}; see ensembles/*.yaml") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of recipe fields at the top level")
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set {item!r} is not KEY=VALUE; e.g. --set calibration.method=isotonic")
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    try:
+        return EnsembleRecipe(**raw)
+    except ValidationError as e:
+        msgs = "; ".join(f"[{'.'.join(str(p) for p in err['loc']) or 'recipe'}] {err['msg'].removeprefix('Value error, ')}"
+                         for err in e.errors())
+        raise ConfigError(f"{path}: {msgs}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Members
+# --------------------------------------------------------------------------------------------------
+
+def select_candidates(trials: pd.DataFrame, spec: MembersSpec) -> list[str]:
+    """Trial ids chosen by the rule (for greedy: the top-N candidates), using validation metrics only."""
+    done = trials[trials["status"] == "completed"]
+    if spec.by not in done.columns:
+        raise ConfigError(f"members.by {spec.by!r} is not a trials.parquet column; use val_auc, val_ap, …")
+    if spec.rule == "explicit":
+        missing = [t for t in spec.trials if t not in set(done["trial_id"])]
+        if missing:
+            raise ConfigError(f"members.trials: {short_list(missing)} are not completed trials of this sweep; "
+                              "see `skinsweep results show DIR`")
+        return list(dict.fromkeys(spec.trials))
+    pool = done
+    if spec.backbones:
+        pool = pool[pool["backbone"].isin(spec.backbones)]
+        absent = sorted(set(spec.backbones) - set(pool["backbone"]))
+        if absent:
+            raise ConfigError(f"members.backbones: no completed trials of {', '.join(absent)} in this sweep "
+                              f"(it has {', '.join(sorted(set(done['backbone'])))})")
+    if spec.modes:
+        pool = pool[pool["mode"].isin(spec.modes)]
+    ascending = spec.by.removeprefix("val_") in ("loss", "ece", "brier")
+    pool = pool.sort_values([spec.by, "trial_id"], ascending=[ascending, True], na_position="last")
+    if spec.rule == "best_per_backbone":
+        ids = pool.groupby("backbone", sort=False).head(1)["trial_id"].tolist()
+    elif spec.rule == "top_k":
+        ids = pool.groupby("backbone", sort=False).head(spec.k)["trial_id"].tolist()
+    else:
+        ids = pool.head(spec.top_n)["trial_id"].tolist()
+    if not ids:
+        raise ConfigError(f"members: no completed trials match rule {spec.rule}; check the sweep's statuses")
+    return ids
+
+
+def aligned_logits(preds: pd.DataFrame, members: list[str], split: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """(rows, X): rows = image_id/lesion_id/label/dx per image, X = member logits (N, M), same image order.
+
+    Raises ConfigError naming the mismatch when members did not score the same images or split.
+    """
+    p = preds[(preds["split"] == split) & (preds["trial_id"].isin(members))]
+    hashes = p.groupby("trial_id")["split_hash"].first()
+    if hashes.nunique() > 1:
+        raise ConfigError(f"members used different splits ({', '.join(f'{t}: {h}' for t, h in hashes.items())}); "
+                          "choose members from one sweep / split")
+    sets = p.groupby("trial_id")["image_id"].apply(frozenset)
+    missing = [m for m in members if m not in sets.index]
+    if missing:
+        raise ConfigError(f"members {short_list(missing)} have no {split} predictions (pruned or failed trials)")
+    if len(set(sets.values)) > 1:
+        ref = sets.iloc[0]
+        odd = [t for t, s in sets.items() if s != ref]
+        raise ConfigError(f"members scored different {split} images: {short_list(odd)} differ from {sets.index[0]}; "
+                          "use members of one sweep")
+    wide = p.pivot(index="image_id", columns="trial_id", values="logit")[members]
+    rows = (p.drop_duplicates("image_id").set_index("image_id")[["lesion_id", "label", "dx"]]
+            .loc[wide.index].reset_index())
+    return rows, wide.to_numpy(dtype=np.float64)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _groups(rows: pd.DataFrame) -> np.ndarray:
+    return rows["lesion_id"].fillna(rows["image_id"]).astype(str).to_numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Build
+# --------------------------------------------------------------------------------------------------
+
+def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str | Path | None = None,
+                   overrides: list[str] = (), bundle: bool = True, progress: bool = False) -> dict:
+    """Fit the ensemble described by ``recipe_path`` on a sweep's validation predictions; report on test.
+
+    Writes ``report.json``, ``predictions.parquet``, PNG plots and (``bundle=True``) a deployment bundle
+    under ``out`` (default ``ensembles/<name>/``). Returns the report dict.
+    """
+    from skinsweep.calibration import choose_threshold, make_calibrator
+    from skinsweep.combine import combiner_from_dict, make_combiner
+    from skinsweep.results import load
+    from skinsweep.stats import bootstrap_metrics, delong_test
+
+    recipe = load_ensemble_recipe(recipe_path, list(overrides))
+    res = load(results_dir)
+    out = Path(out) if out else Path("ensembles") / recipe.name
+    trials, preds = res.trials, res.predictions
+
+    # ---- 1-2. members, aligned -------------------------------------------------------------------
+    candidates = select_candidates(trials, recipe.members)
+    val_rows, Xv = aligned_logits(preds, candidates, "val")
+    test_rows, Xt = aligned_logits(preds, candidates, "test")
+    yv, yt = val_rows["label"].to_numpy(int), test_rows["label"].to_numpy(int)
+    gv = _groups(val_rows)
+    weights = None
+
+    # ---- 3. combine (cross-fitted on val: out-of-fold logits for honest validation scores) ----------
+    if recipe.members.rule == "greedy":
+        # Caruana selection averages probabilities; cross-fitting re-runs the selection in every fold
+        combiner = make_combiner("greedy", metric=recipe.members.metric, n_iter=recipe.members.n_iter,
+                                 top_n=None)  # candidates are already the top_n trials by members.by
+    else:
+        combiner = make_combiner(recipe.combiner.type, **({"C": recipe.combiner.C} if recipe.combiner.type == "stacking" else {}))
+    ens_val = combiner.fit_crossfit(Xv, yv, gv, n_splits=recipe.combiner.n_splits, seed=recipe.seed)
+    members = candidates
+    if recipe.members.rule == "greedy":  # deploy only the members the final selection kept
+        d = combiner.to_dict()
+        w = np.asarray(d["state"]["weights"], dtype=float)
+        keep = np.flatnonzero(w > 0)
+        d["state"]["weights"] = (w[keep] / w[keep].sum()).tolist()
+        d["state"]["n_members"] = int(len(keep))
+        combiner = combiner_from_dict(d)
+        members = [candidates[i] for i in keep]
+        weights = np.asarray(d["state"]["weights"])
+        Xv, Xt = Xv[:, keep], Xt[:, keep]
+    ens_test = combiner.predict_logit(Xt)
+
+    # ---- 4. calibrate (cross-fitted on val, on the out-of-fold ensemble logits) ------------------
+    calibrator = make_calibrator(recipe.calibration.method)
+    cal_val = calibrator.fit_crossfit(ens_val, yv, gv, n_splits=recipe.combiner.n_splits, seed=recipe.seed)
+    cal_test = calibrator.predict_proba(ens_test)
+
+    # ---- 5. operating point on val ---------------------------------------------------------------
+    thr = float(choose_threshold(yv, cal_val, **recipe.threshold.kwargs()))
+    member_thr = {m: float(choose_threshold(yv, _sigmoid(Xv[:, j]), **recipe.threshold.kwargs()))
+                  for j, m in enumerate(members)}
+
+    # ---- 6. report on test -----------------------------------------------------------------------
+    label = {m: _member_label(trials, m) for m in members}
+    probs_test = {label[m]: _sigmoid(Xt[:, j]) for j, m in enumerate(members)} | {"ensemble": cal_test}
+    thresholds = {label[m]: member_thr[m] for m in members} | {"ensemble": thr}
+    ci = bootstrap_metrics(yt, probs_test, groups=_groups(test_rows), threshold=thresholds,
+                           n_boot=recipe.report.n_boot, seed=recipe.report.seed,
+                           spec_for_sens=recipe.report.spec_for_sens)
+    val_auc = {m: _auc(yv, Xv[:, j]) for j, m in enumerate(members)}
+    best = max(members, key=lambda m: val_auc[m])  # "best single member" is chosen on validation too
+    dl = delong_test(yt, cal_test, _sigmoid(Xt[:, members.index(best)]))
+    from skinsweep.metrics import binary_metrics
+
+    report = {
+        "name": recipe.name, "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
+        "results": str(Path(results_dir)), "members": [
+            {"trial_id": m, "label": label[m], "backbone": _col(trials, m, "backbone"), "mode": _col(trials, m, "mode"),
+             "weight": None if weights is None else float(weights[j]), "val_auc": val_auc[m], "threshold": member_thr[m]}
+            for j, m in enumerate(members)],
+        "best_member": {"trial_id": best, "label": label[best], "chosen_by": "val AUC"},
+        "combiner": combiner.to_dict(), "calibrator": calibrator.to_dict(), "threshold": thr,
+        "threshold_rule": recipe.threshold.kwargs(),
+        "split_hash": str(preds.loc[preds["trial_id"] == members[0], "split_hash"].iloc[0]),
+        "val": {"ensemble_uncalibrated": binary_metrics(yv, _sigmoid(ens_val), threshold=0.5),
+                "ensemble": binary_metrics(yv, cal_val, threshold=thr)},
+        "test": _ci_table(ci), "delong_vs_best": dl,
+        "n": {"val": int(len(yv)), "val_pos": int(yv.sum()), "test": int(len(yt)), "test_pos": int(yt.sum())},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    table = []
+    for split, rows, X, ens, cal in (("val", val_rows, Xv, ens_val, cal_val), ("test", test_rows, Xt, ens_test, cal_test)):
+        df = rows.assign(split=split, **{f"prob_{m}": _sigmoid(X[:, j]) for j, m in enumerate(members)},
+                         ensemble_prob=_sigmoid(ens), calibrated_prob=cal, decision=(cal >= thr).astype("int8"))
+        table.append(df)
+    with atomic_path(out / PREDICTIONS) as tmp:
+        pd.concat(table, ignore_index=True).to_parquet(tmp, index=False)
+    from skinsweep.plots import ensemble_plots
+
+    report["plots"] = ensemble_plots(out, yv, yt, {label[m]: _sigmoid(Xt[:, j]) for j, m in enumerate(members)},
+                                     ens_val_uncal=_sigmoid(ens_val), cal_val=cal_val, cal_test=cal_test, threshold=thr)
+    if bundle:
+        from skinsweep.bundle import export_bundle
+
+        report["bundle"] = str(export_bundle(out / "bundle", res, members, combiner, calibrator, thr, recipe, report))
+    atomic_write_text(out / REPORT_JSON, json.dumps(_json_safe(report), indent=2))
+    return report
+
+
+def _member_label(trials: pd.DataFrame, m: str) -> str:
+    r = trials.set_index("trial_id").loc[m]
+    return f"{r['backbone']}/{r['mode']}/{m}"
+
+
+def _col(trials: pd.DataFrame, m: str, col: str):
+    return trials.set_index("trial_id").loc[m, col]
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def _ci_table(ci: pd.DataFrame) -> dict:
+    out: dict[str, dict] = {}
+    for _, r in ci.iterrows():
+        out.setdefault(r["model"], {})[r["metric"]] = {"estimate": r["estimate"], "lo": r["lo"], "hi": r["hi"]}
+    return out
+
+
+def _json_safe(o):
+    if isinstance(o, dict):
+        return {str(k): _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, np.ndarray):
+        return _json_safe(o.tolist())
+    return o
+
+
+__all__ = ["EnsembleRecipe", "build_ensemble", "load_ensemble_recipe", "select_candidates", "aligned_logits",
+           "DataError"]

@@ -1,0 +1,186 @@
+"""Ensembles end to end on a small results store (tiny members trained here, no Ray): build, report,
+plots, bundle round trip and tamper checks, predict with a corrupt file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from skinsweep.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMBERS = [("tiny_resnet", "finetune", 1e-3), ("tiny_vit", "finetune", 1e-3), ("tiny_clip", "finetune", 1e-3),
+           ("tiny_vit", "linear_probe", 1e-2)]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A results store with four completed tiny trials on one synthetic dataset and split."""
+    import os
+
+    from skinsweep.data.synth import synthesize
+    from skinsweep.results import ResultsStore
+    from skinsweep.trial import parse_config, run_trial
+
+    base = tmp_path_factory.mktemp("ens")
+    os.environ["SKINSWEEP_CACHE"] = str(base / "cache")  # module-scoped: one cache for the fixture's trials
+    data = base / "data"
+    synthesize(data, 300, seed=5, size=(96, 72), workers=1, progress=False)
+    store = ResultsStore(base / "results" / "s")
+    for k, (bb, mode, lr) in enumerate(MEMBERS):
+        out = base / "trials" / f"t{k}"
+        cfg = parse_config(dict(data=str(data), backbone=bb, mode=mode, lr=lr, epochs=3, batch_size=32,
+                                image_size=32, seed=k))
+        res = run_trial(cfg, out, trial_id=f"t{k}")
+        store.add_trial(res.summary, predictions=out / "predictions.parquet",
+                        extra={"checkpoint": str(out / "checkpoint.safetensors")})
+    return {"data": data, "results": store.root, "cache": base / "cache"}
+
+
+@pytest.fixture(autouse=True)
+def _shared_cache(sweep, monkeypatch):
+    monkeypatch.setenv("SKINSWEEP_CACHE", str(sweep["cache"]))
+
+
+def recipe(tmp_path: Path, **sections) -> Path:
+    body = {"name": "t", "members": {"rule": "best_per_backbone", "backbones": ["tiny_vit", "tiny_clip"]},
+            "report": {"n_boot": 200}} | sections
+    path = tmp_path / "r.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_build_report_plots_and_threshold(sweep, tmp_path):
+    from skinsweep.ensemble import build_ensemble
+
+    rep = build_ensemble(recipe(tmp_path), sweep["results"], out=tmp_path / "out", bundle=False)
+    assert [m["backbone"] for m in rep["members"]] == ["tiny_vit", "tiny_clip"] or \
+        sorted(m["backbone"] for m in rep["members"]) == ["tiny_clip", "tiny_vit"]
+    assert "ensemble" in rep["test"] and len(rep["test"]) == 3
+    for model, m in rep["test"].items():
+        for k in ("auc", "ap", "accuracy", "precision", "recall", "specificity", "f1", "ece", "brier", "sens_at_spec"):
+            assert k in m, (model, k)
+            # ECE is biased upwards under resampling, so its interval may sit above the estimate
+            if k != "ece" and m[k]["estimate"] is not None and m[k]["lo"] is not None:
+                assert m[k]["lo"] - 1e-9 <= m[k]["estimate"] <= m[k]["hi"] + 1e-9, (model, k)
+    assert 0 <= rep["delong_vs_best"]["p_value"] <= 1
+    for f in ("roc.png", "pr.png", "reliability.png", "confusion.png"):
+        with Image.open(tmp_path / "out" / f) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+    preds = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert set(preds["split"]) == {"val", "test"}
+    assert {"ensemble_prob", "calibrated_prob", "decision"} <= set(preds.columns)
+    # the threshold (chosen on validation) reaches the target sensitivity there
+    val = preds[(preds["split"] == "val") & (preds["label"] == 1)]
+    assert (val["calibrated_prob"] >= rep["threshold"]).mean() >= 0.95
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["threshold"] == pytest.approx(rep["threshold"])
+
+
+@pytest.mark.parametrize("combiner", ["mean_prob", "mean_logit", "stacking"])
+@pytest.mark.parametrize("calibration", ["none", "temperature", "platt", "isotonic"])
+def test_each_combiner_and_calibrator(sweep, tmp_path, combiner, calibration):
+    import warnings
+
+    from skinsweep.ensemble import build_ensemble
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isotonic warns about few positives on this small set
+        rep = build_ensemble(recipe(tmp_path, combiner={"type": combiner}, calibration={"method": calibration},
+                                    members={"rule": "top_k", "k": 2}),
+                             sweep["results"], out=tmp_path / "o", bundle=False)
+    assert rep["test"]["ensemble"]["auc"]["estimate"] is not None
+
+
+def test_greedy_selection_recipe(sweep, tmp_path):
+    from skinsweep.ensemble import build_ensemble
+
+    rep = build_ensemble(ROOT / "ensembles" / "best.yaml", sweep["results"], out=tmp_path / "g", bundle=False,
+                         overrides=["report.n_boot=200"])
+    w = [m["weight"] for m in rep["members"]]
+    assert len(w) >= 1 and abs(sum(w) - 1) < 1e-9 and min(w) > 0
+
+
+def test_bundle_round_trip_and_tamper(sweep, tmp_path):
+    from skinsweep.bundle import load_bundle
+    from skinsweep.ensemble import build_ensemble
+
+    rep = build_ensemble(recipe(tmp_path), sweep["results"], out=tmp_path / "e")
+    bundle_dir = Path(rep["bundle"])
+    preds = pd.read_parquet(tmp_path / "e" / "predictions.parquet")
+    test = preds[preds["split"] == "test"].head(12)
+    paths = [str(next((sweep["data"] / "ISIC2018_Task3_Training_Input").glob(f"{i}.jpg"))) for i in test["image_id"]]
+    out = load_bundle(bundle_dir).predict(paths)
+    # what is deployed is what was evaluated
+    np.testing.assert_allclose(out["calibrated_prob"].to_numpy(), test["calibrated_prob"].to_numpy(), atol=1e-5)
+    np.testing.assert_array_equal(out["decision"].to_numpy(), test["decision"].to_numpy())
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle_dir, tampered)
+    ck = next(tampered.glob("members/*/checkpoint.safetensors"))
+    raw = bytearray(ck.read_bytes())
+    raw[-1] ^= 0xFF
+    ck.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="modified after it was built"):
+        load_bundle(tampered)
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(bundle_dir, incomplete)
+    next(incomplete.glob("members/*/model.json")).unlink()
+    with pytest.raises(DataError, match="incomplete"):
+        load_bundle(incomplete)
+    with pytest.raises(DataError, match="not a skinsweep bundle"):
+        load_bundle(tmp_path)
+
+
+def test_predict_cli_with_a_corrupt_file(sweep, tmp_path):
+    from typer.testing import CliRunner
+
+    from skinsweep.cli import app
+    from skinsweep.ensemble import build_ensemble
+
+    rep = build_ensemble(recipe(tmp_path), sweep["results"], out=tmp_path / "e")
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for f in sorted((sweep["data"] / "ISIC2018_Task3_Training_Input").glob("*.jpg"))[:4]:
+        shutil.copy(f, folder / f.name)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    r = CliRunner().invoke(app, ["predict", rep["bundle"], str(folder), "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 1, r.output
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert len(df) == 5 and df["error"].notna().sum() == 1
+    assert df.loc[df["image"].str.endswith("broken.jpg"), "calibrated_prob"].isna().all()
+    assert df["calibrated_prob"].notna().sum() == 4 and "1 of 5 files could not be scored" in r.output
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"members": {"rule": "explicit"}}, r"rule explicit needs"),
+    ({"members": {"rule": "best_per_backbone", "by": "test_auc"}}, r"validation metrics only"),
+    ({"threshold": {"target_sensitivity": 0.9, "youden": True}}, r"choose one of"),
+    ({"calibration": {"method": "beta"}}, r"\[calibration.method\]"),
+    ({"colour": 1}, r"\[colour\] Extra inputs are not permitted"),
+])
+def test_invalid_ensemble_recipes(tmp_path, section, message):
+    from skinsweep.ensemble import load_ensemble_recipe
+
+    with pytest.raises(ConfigError, match=message):
+        load_ensemble_recipe(recipe(tmp_path, **section))
+
+
+def test_members_must_share_images_and_split():
+    from skinsweep.ensemble import aligned_logits
+
+    rows = [{"image_id": f"i{k}", "lesion_id": None, "label": k % 2, "dx": "NV", "logit": 0.1 * k, "split": "val",
+             "trial_id": t, "split_hash": h} for t, h in (("a", "h1"), ("b", "h2")) for k in range(6)]
+    with pytest.raises(ConfigError, match="members used different splits"):
+        aligned_logits(pd.DataFrame(rows), ["a", "b"], "val")
+    rows = [r | {"split_hash": "h"} for r in rows if not (r["trial_id"] == "b" and r["image_id"] == "i0")]
+    with pytest.raises(ConfigError, match="members scored different val images"):
+        aligned_logits(pd.DataFrame(rows), ["a", "b"], "val")
