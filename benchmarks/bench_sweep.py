@@ -1,6 +1,6 @@
 """Orchestration overhead: the same trials through `skinsweep sweep` (Ray Tune + Optuna) vs a plain loop.
 
-    python benchmarks/bench_sweep.py [--trials 4] [--epochs 12] [--n 1200]
+    python benchmarks/bench_sweep.py [--trials 4] [--epochs 20] [--n 1200]
 
 Both sides run the same explicit trial configurations (tiny_resnet fine-tune on synthetic lesions at
 64 px, sized so one trial takes ≳ 20 s here), one at a time with the same CPU threads:
@@ -29,7 +29,7 @@ import yaml
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--n", type=int, default=1200, help="synthetic images")
     args = ap.parse_args()
 
@@ -72,11 +72,20 @@ def main() -> None:
     loop_s = time.perf_counter() - t
 
     t = time.perf_counter()
+    sweep_t0 = time.time()
     outcome = run_sweep(path)
     sweep_s = time.perf_counter() - t
     assert outcome.n_trials == args.trials, outcome
 
+    from skinsweep.results import load
+
+    t = load(outcome.out_dir).trials
+    first_start = (t["started_at"].min().timestamp() - sweep_t0)
+    in_ray = float(t["runtime_s"].sum())
     print(f"{args.trials} trials × {args.epochs} epochs, tiny_resnet at 64 px, {args.n} images, {threads} threads")
+    print(f"  of the sweep: {first_start:.1f} s before the first trial started (Ray start-up, driver indexes the data "
+          f"and writes the split), trials ran {in_ray:.1f} s inside Ray (loop: {loop_s:.1f} s), "
+          f"{sweep_s - first_start - in_ray:.1f} s between/after trials (scheduling, checkpoints, consolidation)")
     print(f"plain loop        {loop_s:7.1f} s   (mean trial {sum(per_trial) / len(per_trial):.1f} s)")
     print(f"skinsweep sweep   {sweep_s:7.1f} s   (Ray start-up, scheduling, reporting, checkpoints, Parquet)")
     print(f"overhead: {100 * (sweep_s - loop_s) / sweep_s:.1f}% of the sweep's wall time "

@@ -4,9 +4,9 @@
 
 Steps: synthesise lesions (ISIC 2018 layout) → index + lesion-grouped split → inspect → one trial
 (``skinsweep train``) → a sweep (``sweeps/demo.yaml``: Ray Tune + Optuna + ASHA, tiny backbones, both
-modes) → query its Parquet results. Everything is written under ``--out`` and ``results/demo-sweep``
-(and the cache under ``$SKINSWEEP_CACHE``, which ``make demo`` points into ``results/``). Ensembles and
-the report join as those milestones land.
+modes) → query its Parquet results → a stacked, calibrated ensemble with its report and bundle → score
+new images with the bundle. Everything is written under ``results/`` (the cache too, via
+``$SKINSWEEP_CACHE`` set by ``make demo``). The HTML report joins when that milestone lands.
 """
 
 from __future__ import annotations
@@ -59,10 +59,23 @@ def main(argv: list[str] | None = None) -> None:
     step("6. query the results store (DuckDB over Parquet)", "results", "query", str(sweep_dir),
          "SELECT t.backbone, t.mode, count(*) AS trials, round(max(t.val_auc), 3) AS best_val_auc "
          "FROM trials t GROUP BY 1, 2 ORDER BY best_val_auc DESC")
+    ens_dir = Path("results") / "demo-ensemble"
+    # dino_clip.yaml names the real backbones; here: the best completed trial of each tiny backbone
+    step("7. ensemble: best trial per backbone, stacked, calibrated, 95% sensitivity on validation",
+         "ensemble", "build", "ensembles/dino_clip.yaml", "--results", str(sweep_dir), "--out", str(ens_dir),
+         "--set", "members.backbones=null", "--set", "report.n_boot=1000")
+    new = args.out / "new-images"
+    if not new.is_dir():
+        from skinsweep.data.synth import synthesize
+
+        synthesize(new / "synth", 8, seed=99, size=(300, 225), progress=False)
+    step("8. score new images with the deployment bundle", "predict", str(ens_dir / "bundle"),
+         str(new / "synth" / "ISIC2018_Task3_Training_Input"), "--out", str(ens_dir / "new-predictions.csv"))
     console.rule("[bold green]demo finished[/]")
     console.print(f"wall time {time.perf_counter() - t0:.0f} s. Outputs: dataset {data}/, one trial {trial_out}/ "
                   f"(predictions.parquet, summary.json, checkpoint.safetensors, model.json), sweep {sweep_dir}/ "
-                  "(trials.parquet, predictions/, split.parquet, sweep.json).")
+                  "(trials.parquet, predictions/, split.parquet, sweep.json), ensemble "
+                  f"{ens_dir}/ (report.json, plots, predictions.parquet, bundle/).")
     console.print(f"Try: skinsweep results show {sweep_dir} --where \"mode = 'linear_probe'\"")
 
 

@@ -66,7 +66,6 @@ class MembersSpec(_Strict):
 class CombinerSpec(_Strict):
     type: Literal["mean_prob", "mean_logit", "weighted", "stacking"] = "stacking"
     C: float = Field(1.0, gt=0, description="stacking: inverse L2 strength")
-    metadata: bool = Field(False, description="stacking: add age, sex and site features when the index has them")
     n_splits: int = Field(5, ge=2, description="cross-fitting folds on validation (grouped by lesion)")
 
 
