@@ -52,5 +52,6 @@ def predict_files(bundle, inputs: Sequence[str | Path], *, tta: bool = False, ba
     scored = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["image"])
     failed = pd.DataFrame({"image": list(errors), "error": list(errors.values())})
     df = pd.concat([scored.assign(error=None), failed], ignore_index=True)
+    df["decision"] = df["decision"].astype("Int8")  # stays an integer column beside error rows (<NA>)
     order = {str(f): k for k, f in enumerate(files)}
     return df.sort_values("image", key=lambda c: c.map(order)).reset_index(drop=True)

@@ -197,6 +197,19 @@ class ResultsStore:
         self.add_trial({"trial_id": trial_id, "status": "failed", "config": dict(config or {})},
                        predictions=None, extra={**(extra or {}), "error": str(error)})
 
+    def remove_trials(self, trial_ids: Iterable[str]) -> None:
+        """Drop these trials' rows and predictions files (a resumed sweep discards trials that its
+        restored Ray Tune state never knew of, so that it ends with exactly ``num_samples`` trials)."""
+        ids = set(trial_ids)
+        if not ids or not self.trials_path.is_file():
+            return
+        with _locked(self.root / LOCK):
+            old = self._read_trials_table()
+            keep = old.filter(pc.invert(pc.is_in(old["trial_id"], value_set=pa.array(sorted(ids)))))
+            with atomic_path(self.trials_path) as tmp:
+                pq.write_table(keep, tmp)
+            self._tidy(set(keep["trial_id"].to_pylist()))
+
     def _write(self, trial_id: str, row: dict, hints: dict, table: pa.Table | None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         with _locked(self.root / LOCK):

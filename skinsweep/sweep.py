@@ -333,6 +333,16 @@ def run_sweep(
         # ---- reconciliation: every finished trial is in the store exactly once ----------------
         for r in grid:
             _reconcile(store, recipe, r)
+        if resume:
+            # A trial that finished (and reached the store) after Tune's last experiment snapshot is unknown
+            # to the restored run, which ran a replacement: drop the orphan so the sweep has num_samples trials.
+            known = {(r.metrics or {}).get("trial_id") for r in grid}
+            df = store.trials()
+            orphans = set(df.loc[~df["trial_id"].isin(known) & (df["status"] != "failed"), "trial_id"])
+            if orphans and len(df) > recipe.num_samples:
+                console.print(f"dropping {len(orphans)} trial(s) the restored Ray Tune state did not know "
+                              f"({', '.join(sorted(orphans))}); their configurations were re-run")
+                store.remove_trials(orphans)
     finally:
         if address is None and not os.environ.get("RAY_ADDRESS"):
             ray.shutdown()

@@ -338,3 +338,21 @@ def test_every_metric_has_columns() -> None:
     from skinsweep.metrics import HIGHER_IS_BETTER, METRIC_KEYS
 
     assert set(HIGHER_IS_BETTER) | set(METRIC_KEYS) <= set(METRICS)
+
+
+def test_remove_trials_drops_rows_and_predictions(tmp_path):
+    import numpy as np
+
+    from skinsweep.results import ResultsStore
+
+    store = ResultsStore(tmp_path / "s")
+    for k in range(3):
+        preds = pd.DataFrame({"image_id": [f"i{j}" for j in range(4)], "lesion_id": None, "label": [0, 1, 0, 1],
+                              "dx": "NV", "logit": np.zeros(4), "prob": np.full(4, 0.5), "split": "val", "epoch": 1,
+                              "trial_id": f"t{k}", "backbone": "tiny_vit", "mode": "finetune", "split_hash": "h",
+                              "config_hash": "c"})
+        store.add_trial({"trial_id": f"t{k}", "status": "completed", "config": {"lr": 0.1}}, predictions=preds)
+    store.remove_trials({"t1"})
+    assert store.trial_ids() == {"t0", "t2"}
+    assert sorted(p.stem for p in (tmp_path / "s" / "predictions").glob("*.parquet")) == ["t0", "t2"]
+    assert set(pd.read_parquet(tmp_path / "s" / "predictions")["trial_id"]) == {"t0", "t2"}
