@@ -230,9 +230,9 @@ def run_trial(
     gen = torch.Generator().manual_seed(cfg.seed)
 
     # ---- 2. data ------------------------------------------------------------------------------
-    backbone = create_backbone(cfg.backbone, weights=cfg.weights, **cfg.backbone_args)
     index = load_index(cfg.data, positive=cfg.positive, skip_bad=cfg.skip_bad, progress=progress)
     manifest, split_path, _ = get_or_create_split(index, split_path=cfg.split, seed=cfg.split_seed)
+    backbone = create_backbone(cfg.backbone, weights=cfg.weights, **cfg.backbone_args)  # after the cheap data checks
     size = cfg.image_size or backbone.data_config.input_size
     cache = build_cache(index, size=size, policy=cfg.resize_policy, progress=progress)
     ids = {s: manifest.ids(s) for s in ("train", "val", "test")}
