@@ -50,7 +50,7 @@ def main() -> None:
     cached = run_trial(parse_config(base), out / "cached")
     cached_s = time.perf_counter() - t
     t = time.perf_counter()
-    uncached = run_trial(parse_config(dict(base, embedding_cache=False)), out / "uncached")
+    run_trial(parse_config(dict(base, embedding_cache=False)), out / "uncached")
     uncached_s = time.perf_counter() - t
     assert cached.summary["embedding_cache"] == "hit", cached.summary["embedding_cache"]
 

@@ -93,7 +93,7 @@ def main() -> None:
                 cache.images[np.sort(rng.choice(len(cache), bs, replace=False))])).pin_memory().to(dev, non_blocking=True))
             share = 1 - from_cache / gpu_only
             print(f"{name:14s} {bs:5d} {gpu_only:15.0f} {from_cache:12.0f} {100 * share:9.1f}%")
-        del model, opt
+        model = opt = None  # free this backbone's GPU memory before the next
         torch.cuda.empty_cache()
     tmp.cleanup()
 

@@ -246,17 +246,22 @@ def _from_dict(registry: dict[str, type], fmt: str, d: Any, what: str, factory: 
 CALIBRATORS: dict[str, type[Calibrator]] = {}
 
 
-def register_calibrator(name: str):
-    """Class decorator adding a Calibrator subclass to the registry under ``name``."""
+def _registrar(registry: dict[str, type], what: str, name: str):
+    """Class decorator adding a class to ``registry`` under ``name`` (shared with skinsweep.combine)."""
 
-    def decorator(cls: type[Calibrator]) -> type[Calibrator]:
-        if name in CALIBRATORS:
-            raise ValueError(f"calibrator {name!r} is already registered")
+    def decorator(cls: type) -> type:
+        if name in registry:
+            raise ValueError(f"{what} {name!r} is already registered")
         cls.kind = name
-        CALIBRATORS[name] = cls
+        registry[name] = cls
         return cls
 
     return decorator
+
+
+def register_calibrator(name: str):
+    """Class decorator adding a Calibrator subclass to the registry under ``name``."""
+    return _registrar(CALIBRATORS, "calibrator", name)
 
 
 class Calibrator(BaseEstimator):

@@ -50,6 +50,7 @@ from skinsweep.calibration import (
     _jsonable,
     _lookup,
     _positive_float,
+    _registrar,
     _state_field,
     check_groups,
     check_labels,
@@ -290,15 +291,7 @@ COMBINERS: dict[str, type[Combiner]] = {}
 
 def register_combiner(name: str):
     """Class decorator adding a Combiner subclass to the registry under ``name``."""
-
-    def decorator(cls: type[Combiner]) -> type[Combiner]:
-        if name in COMBINERS:
-            raise ValueError(f"combiner {name!r} is already registered")
-        cls.kind = name
-        COMBINERS[name] = cls
-        return cls
-
-    return decorator
+    return _registrar(COMBINERS, "combiner", name)
 
 
 class Combiner(BaseEstimator):

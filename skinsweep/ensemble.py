@@ -19,15 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from skinsweep.errors import ConfigError, DataError, short_list
-from skinsweep.fsutil import atomic_path, atomic_write_text
+from skinsweep.errors import ConfigError, short_list
+from skinsweep.fsutil import atomic_path, atomic_write_text, json_safe
 
 REPORT_JSON = "report.json"
 PREDICTIONS = "predictions.parquet"
@@ -218,7 +218,7 @@ def _groups(rows: pd.DataFrame) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str | Path | None = None,
-                   overrides: list[str] = (), bundle: bool = True, progress: bool = False) -> dict:
+                   overrides: list[str] = (), bundle: bool = True) -> dict:
     """Fit the ensemble described by ``recipe_path`` on a sweep's validation predictions; report on test.
 
     Writes ``report.json``, ``predictions.parquet``, PNG plots and (``bundle=True``) a deployment bundle
@@ -226,6 +226,7 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     """
     from skinsweep.calibration import choose_threshold, make_calibrator
     from skinsweep.combine import combiner_from_dict, make_combiner
+    from skinsweep.metrics import binary_metrics
     from skinsweep.results import load
     from skinsweep.stats import bootstrap_metrics, delong_test
 
@@ -280,10 +281,9 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     ci = bootstrap_metrics(yt, probs_test, groups=_groups(test_rows), threshold=thresholds,
                            n_boot=recipe.report.n_boot, seed=recipe.report.seed,
                            spec_for_sens=recipe.report.spec_for_sens)
-    val_auc = {m: _auc(yv, Xv[:, j]) for j, m in enumerate(members)}
+    val_auc = {m: binary_metrics(yv, _sigmoid(Xv[:, j]))["auc"] for j, m in enumerate(members)}
     best = max(members, key=lambda m: val_auc[m])  # "best single member" is chosen on validation too
     dl = delong_test(yt, cal_test, _sigmoid(Xt[:, members.index(best)]))
-    from skinsweep.metrics import binary_metrics
 
     report = {
         "name": recipe.name, "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
@@ -316,7 +316,7 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
         from skinsweep.bundle import export_bundle
 
         report["bundle"] = str(export_bundle(out / "bundle", res, members, combiner, calibrator, thr, recipe, report))
-    atomic_write_text(out / REPORT_JSON, json.dumps(_json_safe(report), indent=2))
+    atomic_write_text(out / REPORT_JSON, json.dumps(json_safe(report), indent=2))
     return report
 
 
@@ -329,12 +329,6 @@ def _col(trials: pd.DataFrame, m: str, col: str):
     return trials.set_index("trial_id").loc[m, col]
 
 
-def _auc(y: np.ndarray, s: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else float("nan")
-
-
 def _ci_table(ci: pd.DataFrame) -> dict:
     out: dict[str, dict] = {}
     for _, r in ci.iterrows():
@@ -342,19 +336,4 @@ def _ci_table(ci: pd.DataFrame) -> dict:
     return out
 
 
-def _json_safe(o):
-    if isinstance(o, dict):
-        return {str(k): _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, (np.floating, float)):
-        return None if not np.isfinite(o) else float(o)
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, np.ndarray):
-        return _json_safe(o.tolist())
-    return o
-
-
-__all__ = ["EnsembleRecipe", "build_ensemble", "load_ensemble_recipe", "select_candidates", "aligned_logits",
-           "DataError"]
+__all__ = ["EnsembleRecipe", "aligned_logits", "build_ensemble", "load_ensemble_recipe", "select_candidates"]

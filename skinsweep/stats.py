@@ -68,14 +68,10 @@ def _check_probs(y_true: Any, probs: Any) -> tuple[np.ndarray, dict[str, np.ndar
 
 def _check_groups(groups: Any, n: int) -> np.ndarray | None:
     """Return group codes of shape (N,) in 0..G-1, or None for the image bootstrap."""
-    if groups is None:
-        return None
-    g = np.asarray(groups)
-    if g.ndim != 1 or g.shape[0] != n:
-        raise ConfigError(f"groups must have shape ({n},) like y_true (one lesion id per image), got {g.shape}")
-    if pd.isna(g).any():
-        raise ConfigError(f"groups has {int(pd.isna(g).sum())} missing lesion id(s); fill them with the image id")
-    return np.unique(g, return_inverse=True)[1].ravel()
+    from skinsweep.calibration import check_groups  # the one validation of lesion ids
+
+    g = check_groups(groups, n)
+    return None if g is None else np.unique(g, return_inverse=True)[1].ravel()
 
 
 def _check_thresholds(threshold: float | dict[str, float], names: list[str]) -> dict[str, float]:

@@ -172,16 +172,8 @@ def consolidate_trial(store, recipe, trial, split_file: str) -> str:
     params = _trial_params(recipe, trial.config)
     base_extra = {"node": result.get("node"), "recipe_hash": recipe.hash,
                   **recipe.resources_for(params)}
-    ckpt = trial.checkpoint
-    if result.get(FINAL_KEY) and ckpt is not None:
-        with tempfile.TemporaryDirectory(prefix="skinsweep-consolidate-") as tmp:
-            local = Path(ckpt.to_directory(tmp))
-            summary = json.loads((local / "summary.json").read_text())
-            preds = local / "predictions.parquet"
-            store.add_trial(summary, predictions=preds if preds.is_file() else None,
-                            extra=base_extra | {"checkpoint": _join(ckpt.path, "checkpoint.safetensors"),
-                                                "attempts": trial.num_failures + 1})
-        return summary["status"]
+    if result.get(FINAL_KEY) and trial.checkpoint is not None:
+        return _add_from_checkpoint(store, trial.checkpoint, base_extra | {"attempts": trial.num_failures + 1})
     if trial.status == "ERROR" or trial.error_file:
         err = _last_error(trial)
         cfg = recipe.trial_config(params, split=split_file).model_dump()
@@ -358,14 +350,20 @@ def _reconcile(store, recipe, result) -> None:
     if not trial_id or trial_id in store.trial_ids():
         return
     if metrics.get(FINAL_KEY) and result.checkpoint is not None:
-        with tempfile.TemporaryDirectory(prefix="skinsweep-reconcile-") as tmp:
-            local = Path(result.checkpoint.to_directory(tmp))
-            summary = json.loads((local / "summary.json").read_text())
-            params = _trial_params(recipe, result.config)
-            store.add_trial(summary, predictions=local / "predictions.parquet" if (local / "predictions.parquet").exists() else None,
-                            extra={"node": metrics.get("node"), "recipe_hash": recipe.hash,
-                                   "checkpoint": _join(result.checkpoint.path, "checkpoint.safetensors"),
-                                   **recipe.resources_for(params)})
+        params = _trial_params(recipe, result.config)
+        _add_from_checkpoint(store, result.checkpoint, {"node": metrics.get("node"), "recipe_hash": recipe.hash,
+                                                        **recipe.resources_for(params)})
+
+
+def _add_from_checkpoint(store, ckpt, extra: dict) -> str:
+    """Fetch a finished trial's artefact folder from Ray's storage and add it to the store; its status."""
+    with tempfile.TemporaryDirectory(prefix="skinsweep-consolidate-") as tmp:
+        local = Path(ckpt.to_directory(tmp))
+        summary = json.loads((local / "summary.json").read_text())
+        preds = local / "predictions.parquet"
+        store.add_trial(summary, predictions=preds if preds.is_file() else None,
+                        extra=extra | {"checkpoint": _join(ckpt.path, "checkpoint.safetensors")})
+    return summary["status"]
 
 
 def _resources(recipe, config: dict) -> dict:

@@ -379,7 +379,7 @@ def run_trial(
     # ---- 7. artefacts -------------------------------------------------------------------------
     from safetensors.torch import save_model
 
-    from skinsweep.fsutil import atomic_path, atomic_write_text
+    from skinsweep.fsutil import atomic_path, atomic_write_text, json_safe
 
     if result_rows:
         with atomic_path(out / PREDICTIONS) as tmp:
@@ -402,7 +402,7 @@ def run_trial(
         "n_images": {s: len(v) for s, v in ids.items()}, "versions": versions(),
         "artefacts": {"predictions": PREDICTIONS, "checkpoint": CHECKPOINT, "model": MODEL_JSON} if result_rows else {},
     }
-    atomic_write_text(out / SUMMARY, json.dumps(_json_safe(summary), indent=2))
+    atomic_write_text(out / SUMMARY, json.dumps(json_safe(summary), indent=2))
     return _result_from_summary(json.loads((out / SUMMARY).read_text()), out)
 
 
@@ -413,19 +413,6 @@ def _result_from_summary(s: dict, out: Path) -> TrialResult:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
-
-
-def _json_safe(o):
-    """NaN → None (JSON has no NaN), numpy scalars → Python."""
-    if isinstance(o, dict):
-        return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, (np.floating, float)):
-        return None if math.isnan(float(o)) else float(o)
-    if isinstance(o, np.integer):
-        return int(o)
-    return o
 
 
 class _progress:

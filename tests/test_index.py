@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import CLASSES, make_rows, shared, write_ham_metadata, write_image, write_isic
+from conftest import CLASSES, make_rows, write_ham_metadata, write_image, write_isic
 from skinsweep.data.index import INDEX_COLUMNS, load_index, read_rgb
 from skinsweep.errors import DataError
 

@@ -6,7 +6,6 @@ These start Ray, so they run inside `make test`'s loopback-only network namespac
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,6 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 
-from skinsweep.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -80,7 +80,7 @@ def test_deterministic_on_cpu(synth_dir, tmp_path):
     pb = pd.read_parquet(tmp_path / "b" / PREDICTIONS)
     np.testing.assert_array_equal(pa["logit"].to_numpy(), pb["logit"].to_numpy())
     assert a.history == b.history
-    c = run_trial(cfg(synth_dir, seed=1), tmp_path / "c")
+    run_trial(cfg(synth_dir, seed=1), tmp_path / "c")
     assert not np.array_equal(pd.read_parquet(tmp_path / "c" / PREDICTIONS)["logit"], pa["logit"])
 
 
