@@ -375,6 +375,27 @@ def _ci(m) -> str:
     return f"{m['estimate']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]" if m.get("lo") is not None else f"{m['estimate']:.3f}"
 
 
+@app.command("report")
+@user_errors
+def report(
+    results: Path = typer.Argument(..., metavar="DIR", help="Sweep folder (results/<sweep>)."),
+    ensemble: List[Path] = typer.Option([], "--ensemble", help="Ensemble folder built from this sweep (repeatable)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default DIR/report/)."),
+    trial: List[str] = typer.Option([], "--trial", help="Trial id for the per-model section (repeatable; "
+                                    "default: the best completed trial per backbone)."),
+    sensitivity: float = typer.Option(0.95, "--sensitivity", min=0.5, max=1.0,
+                                      help="Single models' operating point: this sensitivity on validation."),
+    gallery: int = typer.Option(4, "--gallery", min=0, help="Images per gallery row (false negatives / positives)."),
+    no_gradcam: bool = typer.Option(False, "--no-gradcam", help="Gallery without heat maps (no checkpoints needed)."),
+) -> None:
+    """Write an HTML report (index.html + PNGs): sweep overview, per-model curves, ensembles, Grad-CAM, errors."""
+    from skinsweep.report import build_report
+
+    page = build_report(results, ensembles=ensemble, out=out_dir, trials=trial or None, target_sensitivity=sensitivity,
+                        gallery=gallery, gradcam=not no_gradcam, log=lambda m: out.print(m, highlight=False, markup=False))
+    out.print(f"open {page.resolve().as_uri()}", highlight=False, markup=False)
+
+
 @app.command("backbones")
 @user_errors
 def backbones_cmd() -> None:

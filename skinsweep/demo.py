@@ -1,82 +1,157 @@
-"""``make demo``: the pipeline end to end on the embedded synthetic dataset, on a laptop CPU.
+"""``make demo``: the whole product, end to end, on a laptop CPU, on synthetic lesions.
 
-    python -m skinsweep.demo [--out results/demo] [--n 1500] [--epochs 4]
+    python -m skinsweep.demo [--root results] [--n 4000] [--epochs 8] [--num-samples 8]
 
 Steps: synthesise lesions (ISIC 2018 layout) → index + lesion-grouped split → inspect → one trial
 (``skinsweep train``) → a sweep (``sweeps/demo.yaml``: Ray Tune + Optuna + ASHA, tiny backbones, both
-modes) → query its Parquet results → a stacked, calibrated ensemble with its report and bundle → score
-new images with the bundle. Everything is written under ``results/`` (the cache too, via
-``$SKINSWEEP_CACHE`` set by ``make demo``). The HTML report joins when that milestone lands.
+modes) → query its Parquet results → two ensembles (``ensembles/best.yaml``: greedy selection;
+``ensembles/dino_clip.yaml``: the DINO and CLIP stand-ins stacked), each with its report and bundle →
+score new images with a bundle → the HTML report → a summary.
+
+Everything is written under ``--root`` (default ``results/``): the dataset, the cache (via
+``$SKINSWEEP_CACHE``), the sweep, the ensembles, the report. Ray's session files go to a private
+temporary folder that is deleted at the end, and matplotlib's cache under ``--root`` too, so the demo
+leaves nothing else behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
-console = Console(width=110)
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("results/demo"))
-    ap.add_argument("--n", type=int, default=1500, help="synthetic images")
-    ap.add_argument("--size", default="300x225", help="synthetic image size WxH (the release is 600x450)")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--root", type=Path, default=Path("results"), help="where everything is written")
+    ap.add_argument("--n", type=int, default=4000, help="synthetic images")
+    ap.add_argument("--size", default="200x150", help="synthetic image size WxH (the release is 600x450)")
+    ap.add_argument("--epochs", type=int, default=8, help="epochs per sweep trial")
+    ap.add_argument("--num-samples", type=int, default=8, help="sweep trials")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the ensemble reports")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
-    data = args.out / "data"
+    root = args.root
+    data, sweep_dir = root / "demo" / "data", root / "demo-sweep"
+    ens_root = root / "demo-ensembles"
+    env = dict(os.environ)
+    env.setdefault("SKINSWEEP_CACHE", str((root / ".cache").resolve()))
+    env.setdefault("MPLCONFIGDIR", str((root / ".cache" / "matplotlib").resolve()))
+    # Ray's session folder (logs, sockets): private, short path (unix sockets cap it at ~100 bytes), removed below
+    ray_tmp = Path(tempfile.mkdtemp(prefix="skinsweep-ray-"))
+    env["RAY_TMPDIR"] = str(ray_tmp)
 
     def step(title: str, *cli: str) -> None:
         """Run ``skinsweep CLI…`` as a user would (a subprocess, output streamed live)."""
         console.rule(f"[bold]{title}[/]")
         console.print("$ skinsweep " + " ".join(shlex.quote(c) for c in cli), markup=False, highlight=False)
-        r = subprocess.run([sys.executable, "-m", "skinsweep.cli", *cli])
+        r = subprocess.run([sys.executable, "-m", "skinsweep.cli", *cli], env=env)
         if r.returncode != 0:
             raise SystemExit(f"demo step failed (exit {r.returncode}): skinsweep {' '.join(cli)}")
 
-    if not (data / "ISIC2018_Task3_Training_GroundTruth").is_dir():
-        step("1. synthesise a lesion dataset", "data", "synth", str(data), "--n", str(args.n), "--size", args.size)
-    else:
-        console.rule(f"[bold]1. synthetic dataset already in {data}[/]")
-    step("2. split by lesion (70/15/15, stratified)", "data", "split", str(data))
-    step("3. inspect", "data", "inspect", str(data))
-    trial_out = args.out / "trial-tiny_resnet"
-    step("4. one trial: tiny ResNet, fine-tuned", "train", "--data", str(data), "--out", str(trial_out),
-         "--backbone", "tiny_resnet", "--epochs", str(args.epochs), "--lr", "1e-3", "--overwrite")
-    sweep_dir = Path("results") / "demo-sweep"
-    shutil.rmtree(sweep_dir, ignore_errors=True)  # the demo's own sweep: start afresh on every run
-    step("5. a sweep: Ray Tune + Optuna + ASHA over tiny backbones, both modes", "sweep", "sweeps/demo.yaml",
-         "--set", f"data.root={data}", "--set", "storage=results", "--set", "name=demo-sweep")
-    step("6. query the results store (DuckDB over Parquet)", "results", "query", str(sweep_dir),
-         "SELECT t.backbone, t.mode, count(*) AS trials, round(max(t.val_auc), 3) AS best_val_auc "
-         "FROM trials t GROUP BY 1, 2 ORDER BY best_val_auc DESC")
-    ens_dir = Path("results") / "demo-ensemble"
-    # dino_clip.yaml names the real backbones; here: the best completed trial of each tiny backbone
-    step("7. ensemble: best trial per backbone, stacked, calibrated, 95% sensitivity on validation",
-         "ensemble", "build", "ensembles/dino_clip.yaml", "--results", str(sweep_dir), "--out", str(ens_dir),
-         "--set", "members.backbones=null", "--set", "report.n_boot=1000")
-    new = args.out / "new-images"
-    if not new.is_dir():
-        from skinsweep.data.synth import synthesize
+    try:
+        if not (data / "ISIC2018_Task3_Training_GroundTruth").is_dir():
+            step("1. synthesise a lesion dataset", "data", "synth", str(data), "--n", str(args.n), "--size", args.size)
+        else:
+            console.rule(f"[bold]1. synthetic dataset already in {data}[/]")
+        step("2. split by lesion (70/15/15, stratified)", "data", "split", str(data))
+        step("3. inspect", "data", "inspect", str(data))
+        trial_out = root / "demo" / "trial-tiny_resnet"
+        step("4. one trial: tiny ResNet, fine-tuned", "train", "--data", str(data), "--out", str(trial_out),
+             "--backbone", "tiny_resnet", "--epochs", "4", "--lr", "2e-3", "--overwrite")
+        shutil.rmtree(sweep_dir, ignore_errors=True)  # the demo's own sweep: start afresh on every run
+        step(f"5. a sweep: Ray Tune + Optuna + ASHA, {args.num_samples} trials over tiny backbones, both modes",
+             "sweep", "sweeps/demo.yaml", "--set", f"data.root={data}", "--set", f"storage={root}",
+             "--set", "name=demo-sweep", "--set", f"trial.epochs={args.epochs}",
+             "--set", f"search.num_samples={args.num_samples}")
+        step("6. query the results store (DuckDB over Parquet)", "results", "query", str(sweep_dir),
+             "SELECT backbone, mode, count(*) AS trials, count(*) FILTER (status = 'completed') AS completed, "
+             "round(max(val_auc), 3) AS best_val_auc FROM trials GROUP BY 1, 2 ORDER BY best_val_auc DESC")
+        step("7. ensemble best.yaml: greedy selection over the sweep, calibrated, 95% sensitivity on validation",
+             "ensemble", "build", "ensembles/best.yaml", "--results", str(sweep_dir), "--out", str(ens_root / "best"),
+             "--set", f"report.n_boot={args.n_boot}")
+        backbones = _dino_clip_members(sweep_dir)
+        step(f"8. ensemble dino_clip.yaml: {' + '.join(backbones or ['best per backbone'])}, stacked, calibrated",
+             "ensemble", "build", "ensembles/dino_clip.yaml", "--results", str(sweep_dir),
+             "--out", str(ens_root / "dino_clip"), "--set", f"report.n_boot={args.n_boot}",
+             "--set", f"members.backbones={'[' + ','.join(backbones) + ']' if backbones else 'null'}")
+        new = root / "demo" / "new-images"
+        if not new.is_dir():
+            from skinsweep.data.synth import synthesize
 
-        synthesize(new / "synth", 8, seed=99, size=(300, 225), progress=False)
-    step("8. score new images with the deployment bundle", "predict", str(ens_dir / "bundle"),
-         str(new / "synth" / "ISIC2018_Task3_Training_Input"), "--out", str(ens_dir / "new-predictions.csv"))
+            synthesize(new / "synth", 8, seed=99, size=tuple(int(v) for v in args.size.split("x")), progress=False)
+        step("9. score new images with the dino_clip deployment bundle", "predict", str(ens_root / "dino_clip" / "bundle"),
+             str(new / "synth" / "ISIC2018_Task3_Training_Input"), "--out", str(ens_root / "new-predictions.csv"))
+        step("10. the HTML report: sweep, models, ensembles, Grad-CAM, error analysis", "report", str(sweep_dir),
+             "--ensemble", str(ens_root / "dino_clip"), "--ensemble", str(ens_root / "best"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    _summary(sweep_dir, ens_root, time.perf_counter() - t0)
+
+
+def _dino_clip_members(sweep_dir: Path) -> list[str] | None:
+    """The tiny stand-ins of DINO and CLIP (tiny_vit, tiny_clip) when both have a completed trial; else
+    None (dino_clip.yaml then takes the best completed trial of every backbone), said out loud."""
+    import pandas as pd
+
+    t = pd.read_parquet(sweep_dir / "trials.parquet")
+    done = set(t.loc[t["status"] == "completed", "backbone"])
+    if {"tiny_vit", "tiny_clip"} <= done:
+        return ["tiny_vit", "tiny_clip"]
+    console.print(f"(no completed trial for {', '.join(sorted({'tiny_vit', 'tiny_clip'} - done))}: the ensemble takes "
+                  "the best completed trial of every backbone instead)", highlight=False)
+    return None
+
+
+def _summary(sweep_dir: Path, ens_root: Path, wall: float) -> None:
+    import pandas as pd
+
     console.rule("[bold green]demo finished[/]")
-    console.print(f"wall time {time.perf_counter() - t0:.0f} s. Outputs: dataset {data}/, one trial {trial_out}/ "
-                  f"(predictions.parquet, summary.json, checkpoint.safetensors, model.json), sweep {sweep_dir}/ "
-                  "(trials.parquet, predictions/, split.parquet, sweep.json), ensemble "
-                  f"{ens_dir}/ (report.json, plots, predictions.parquet, bundle/).")
-    console.print(f"Try: skinsweep results show {sweep_dir} --where \"mode = 'linear_probe'\"")
+    t = pd.read_parquet(sweep_dir / "trials.parquet")
+    counts = t["status"].value_counts().to_dict()
+    best = t[t["status"] == "completed"].sort_values("val_auc", ascending=False).head(3)
+    tb = Table(title=f"best trials of {len(t)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
+    for c in ("trial", "backbone", "mode", "lr", "pos_weight", "val AUC", "test AUC", "test AP"):
+        tb.add_column(c, justify="right" if c not in ("trial", "backbone", "mode") else "left")
+    for _, r in best.iterrows():
+        tb.add_row(r["trial_id"], r["backbone"], r["mode"], f"{r['lr']:.2g}", f"{r['pos_weight']:.3g}",
+                   f"{r['val_auc']:.3f}", f"{r['test_auc']:.3f}", f"{r['test_ap']:.3f}")
+    console.print(tb)
+    te = Table(title="ensembles vs their best single member, on test (95% CIs, lesion-grouped bootstrap)")
+    for c in ("ensemble", "model", "AUC", "AP", "ECE", "DeLong p"):
+        te.add_column(c)
+    for name in ("dino_clip", "best"):
+        rep = json.loads((ens_root / name / "report.json").read_text())
+        best_label = rep["best_member"]["label"]
+        for model, label in (("ensemble", "ensemble"), (best_label, f"best member {best_label}")):
+            m = rep["test"][model]
+            te.add_row(name if model == "ensemble" else "", label, *(_ci(m[k]) for k in ("auc", "ap", "ece")),
+                       f"{rep['delong_vs_best']['p_value']:.3g}" if model == "ensemble" else "")
+    console.print(te)
+    report = (sweep_dir / "report" / "index.html").resolve()
+    console.print(f"wall time {wall / 60:.1f} min\n"
+                  f"report:   {report}  (open it in a browser)\n"
+                  f"bundle:   {ens_root / 'dino_clip' / 'bundle'}/  (skinsweep predict BUNDLE IMAGES…)\n"
+                  f"scores:   {ens_root / 'new-predictions.csv'} (8 new images)\n"
+                  f"sweep:    {sweep_dir}/ (trials.parquet, predictions/, history/) — try: skinsweep results show "
+                  f"{sweep_dir} --where \"mode = 'linear_probe'\"", highlight=False, markup=False)
+
+
+def _ci(m: dict) -> str:
+    return f"{m['estimate']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
 
 
 if __name__ == "__main__":

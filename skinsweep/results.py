@@ -5,6 +5,8 @@ Layout of one sweep folder ``<storage>/<name>/``::
     trials.parquet              one row per trial: id, status, every hyperparameter as a column,
                                 val_/test_ metrics at the selected epoch, runtime, resources, hashes
     predictions/<trial>.parquet one row per image x split of one trial, all files one fixed schema
+    history/<trial>.parquet     one row per epoch of one trial (epoch, train_loss, val_loss, val_auc …),
+                                pruned trials included (what the report's training curves are drawn from)
     sweep.json                  written by the sweep (recipe, hashes); optional here
 
 Only the sweep driver writes (through :class:`ResultsStore`); anyone reads, with pandas
@@ -48,6 +50,7 @@ from skinsweep.fsutil import atomic_path
 
 TRIALS = "trials.parquet"
 PREDICTIONS_DIR = "predictions"
+HISTORY_DIR = "history"
 SWEEP_JSON = "sweep.json"
 LOCK = ".lock"
 FORMAT_VERSION = 1
@@ -190,7 +193,7 @@ class ResultsStore:
                 if ckpt and (source.parent / ckpt).is_file():
                     extra["checkpoint"] = str((source.parent / ckpt).resolve())
         row, hints = _trial_row(summary, status, {**(moved or {}), **extra})
-        self._write(trial_id, row, hints, table)
+        self._write(trial_id, row, hints, table, _history_table(summary.get("history"), trial_id))
 
     def add_failed(self, trial_id: str, config: dict, error: str, extra: dict | None = None) -> None:
         """Record a trial that crashed: status ``failed``, its config, the error text, no predictions."""
@@ -210,16 +213,19 @@ class ResultsStore:
                 pq.write_table(keep, tmp)
             self._tidy(set(keep["trial_id"].to_pylist()))
 
-    def _write(self, trial_id: str, row: dict, hints: dict, table: pa.Table | None) -> None:
+    def _write(self, trial_id: str, row: dict, hints: dict, table: pa.Table | None,
+               history: pa.Table | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         with _locked(self.root / LOCK):
-            # 1. the predictions file first (see the module docstring for why this order)
-            target = self.predictions_path(trial_id)
-            if table is not None:
-                with atomic_path(target) as tmp:
-                    pq.write_table(table, tmp)
-            elif target.exists():
-                target.unlink()
+            # 1. the per-trial files first (see the module docstring for why this order)
+            for target, content in ((self.predictions_path(trial_id), table),
+                                    (self.root / HISTORY_DIR / f"{trial_id}.parquet", history)):
+                if content is not None:
+                    target.parent.mkdir(exist_ok=True)
+                    with atomic_path(target) as tmp:
+                        pq.write_table(content, tmp)
+                elif target.exists():
+                    target.unlink()
             # 2. then the row: read, drop the old row with this id, append, rewrite atomically
             old = self._read_trials_table()
             if old is not None:
@@ -233,8 +239,10 @@ class ResultsStore:
         """Remove what an earlier crashed write left (we hold the lock, so no write is in flight):
         predictions files without a row, which raw readers of predictions/ would otherwise see, and
         temporary files of a killed process."""
-        leftovers = [*self.root.glob(f".{TRIALS}.*.tmp"), *self.predictions_dir.glob(".*.parquet.*.tmp")]
-        leftovers += [f for f in self.predictions_dir.glob("*.parquet") if f.stem not in ids]
+        history = self.root / HISTORY_DIR
+        leftovers = [*self.root.glob(f".{TRIALS}.*.tmp"), *self.predictions_dir.glob(".*.parquet.*.tmp"),
+                     *history.glob(".*.parquet.*.tmp")]
+        leftovers += [f for d in (self.predictions_dir, history) for f in d.glob("*.parquet") if f.stem not in ids]
         for f in leftovers:
             f.unlink(missing_ok=True)
 
@@ -269,6 +277,15 @@ class ResultsStore:
         ids = pq.read_table(self.trials_path, columns=["trial_id"])["trial_id"].to_pylist()
         files = [self.predictions_dir / f"{t}.parquet" for t in ids if trial_ids is None or t in trial_ids]
         return [f for f in files if f.is_file()]
+
+    def history(self, trial_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        """Per-epoch records (``trial_id, epoch, train_loss, val_loss, val_auc, …``) of recorded trials;
+        trials recorded without a history (failed before an epoch, or by an older skinsweep) have none."""
+        ids = self.trial_ids() if trial_ids is None else set(trial_ids) & self.trial_ids()
+        frames = [pd.read_parquet(f) for t in sorted(ids) if (f := self.root / HISTORY_DIR / f"{t}.parquet").is_file()]
+        if not frames:
+            return pd.DataFrame({"trial_id": pd.Series(dtype=str), "epoch": pd.Series(dtype="int64")})
+        return pd.concat(frames, ignore_index=True)
 
     def predictions(self, trial_ids: str | Iterable[str] | None = None, split: str | None = None) -> pd.DataFrame:
         """Per-image predictions of the recorded trials, with :data:`PREDICTIONS_SCHEMA` columns.
@@ -510,6 +527,20 @@ def _meta(table: pa.Table | None) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Predictions: one fixed schema
 # --------------------------------------------------------------------------------------------------
+
+def _history_table(history: Any, trial_id: str) -> pa.Table | None:
+    """A trial's per-epoch records as a table (numeric columns only; ``trial_id`` first), or None."""
+    if not history:
+        return None
+    rows = [{k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for rec in history if isinstance(rec, dict) and "epoch" in rec]
+    if not rows:
+        return None
+    df = pd.DataFrame(rows).sort_values("epoch")
+    df["epoch"] = df["epoch"].astype("int64")
+    df.insert(0, "trial_id", trial_id)
+    return pa.Table.from_pandas(df, preserve_index=False)
+
 
 def _prediction_table(predictions: pd.DataFrame | str | Path, summary: dict,
                       extra: dict) -> tuple[pa.Table, dict, Path | None]:

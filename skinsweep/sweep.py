@@ -125,6 +125,7 @@ class _Consolidate(tune.Callback):
     def __init__(self, out_dir: str, recipe_json: str, split_file: str) -> None:
         self.out_dir, self.recipe_json, self.split_file = out_dir, recipe_json, split_file
         self._live = None
+        self._history: dict[str, list[dict]] = {}
 
     def __getstate__(self):
         return dict(self.__dict__, _live=None)
@@ -140,6 +141,12 @@ class _Consolidate(tune.Callback):
                           Console(width=None if sys.stdout.isatty() else 120))
         return self._live
 
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        # per-epoch records, kept for trials that end without a checkpoint (pruned): their curves
+        if EPOCH_KEY in result and not result.get(FINAL_KEY):
+            rec = {k: v for k, v in result.items() if k == "epoch" or k.startswith(("train_", "val_"))}
+            self._history.setdefault(trial.trial_id, []).append(rec)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._record(trials, trial)
 
@@ -148,7 +155,8 @@ class _Consolidate(tune.Callback):
 
     def _record(self, trials, trial) -> None:
         store, rec, con = self._parts()
-        consolidate_trial(store, rec, trial, self.split_file)
+        consolidate_trial(store, rec, trial, self.split_file,
+                          history=self._history.pop(trial.trial_id, None))
         df = store.trials()
         row = df[df["trial_id"] == trial.trial_id]
         status = row["status"].iloc[0] if len(row) else "?"
@@ -166,8 +174,9 @@ class _Consolidate(tune.Callback):
                   + f", running {running}{best}", highlight=False, markup=False)
 
 
-def consolidate_trial(store, recipe, trial, split_file: str) -> str:
-    """Put one finished Tune trial into the store; returns the status recorded."""
+def consolidate_trial(store, recipe, trial, split_file: str, history: list[dict] | None = None) -> str:
+    """Put one finished Tune trial into the store; returns the status recorded. ``history``: the
+    per-epoch results Tune saw, stored for a pruned trial (a completed one has its own in summary.json)."""
     result = trial.last_result or {}
     params = _trial_params(recipe, trial.config)
     base_extra = {"node": result.get("node"), "recipe_hash": recipe.hash,
@@ -180,7 +189,7 @@ def consolidate_trial(store, recipe, trial, split_file: str) -> str:
         store.add_failed(trial.trial_id, cfg, err, extra=base_extra | {"attempts": trial.num_failures})
         return "failed"
     # Stopped by ASHA before its last epoch: record what it reached, no predictions, no test score.
-    summary = _pruned_summary(recipe, params, trial, result, split_file)
+    summary = _pruned_summary(recipe, params, trial, result, split_file) | {"history": history or []}
     store.add_trial(summary, predictions=None, status="pruned",
                     extra=base_extra | {"pruned_at_epoch": result.get(EPOCH_KEY)})
     return "pruned"

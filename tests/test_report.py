@@ -1,0 +1,297 @@
+"""`skinsweep report` on a small results store (tiny trials trained here, no Ray): every section is
+there, every image it references is a valid PNG, numbers match the stored predictions; Grad-CAM maps
+have the image's size and are not constant; bad input gives one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from skinsweep.errors import ConfigError, DataError
+
+MEMBERS = [("tiny_resnet", "finetune", 2e-3), ("tiny_vit", "finetune", 1e-3), ("tiny_clip", "linear_probe", 1e-2)]
+IMAGE_SIZE = (96, 72)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Three completed tiny trials, one pruned (history, no predictions), one failed; one ensemble."""
+    import os
+
+    from skinsweep.data.synth import synthesize
+    from skinsweep.ensemble import build_ensemble
+    from skinsweep.results import ResultsStore
+    from skinsweep.trial import parse_config, run_trial
+
+    base = tmp_path_factory.mktemp("report")
+    os.environ["SKINSWEEP_CACHE"] = str(base / "cache")
+    data = base / "data"
+    synthesize(data, 300, seed=7, size=IMAGE_SIZE, workers=1, progress=False)
+    store = ResultsStore(base / "results" / "s")
+    split_hash = None
+    for k, (bb, mode, lr) in enumerate(MEMBERS):
+        out = base / "trials" / f"t{k}"
+        cfg = parse_config(dict(data=str(data), backbone=bb, mode=mode, lr=lr, epochs=3, batch_size=32,
+                                image_size=32, seed=k))
+        res = run_trial(cfg, out, trial_id=f"t{k}")
+        split_hash = res.summary["split_hash"]
+        store.add_trial(res.summary, predictions=out / "predictions.parquet",
+                        extra={"checkpoint": str(out / "checkpoint.safetensors")})
+    pruned = dict(res.summary, trial_id="p0", status="pruned", test={}, best_epoch=None,
+                  history=res.summary["history"][:1])
+    store.add_trial(pruned, predictions=None, status="pruned", extra={"pruned_at_epoch": 1})
+    store.add_failed("f0", {"backbone": "tiny_vit", "mode": "finetune"}, "Traceback …\nRuntimeError: out of memory")
+    (store.root / "sweep.json").write_text(json.dumps({"name": "s", "dataset": str(data), "split_hash": split_hash,
+                                                       "recipe": {"data": {"positive": ["MEL"]}}}))
+    recipe = base / "dc.yaml"
+    recipe.write_text("name: dc\nmembers: {rule: best_per_backbone, backbones: [tiny_vit, tiny_clip]}\n"
+                      "report: {n_boot: 100}\n")
+    ens = base / "ens"
+    build_ensemble(recipe, store.root, out=ens, bundle=False)
+    return {"data": data, "results": store.root, "cache": base / "cache", "ensemble": ens, "base": base}
+
+
+@pytest.fixture(autouse=True)
+def _shared_cache(sweep, monkeypatch):
+    monkeypatch.setenv("SKINSWEEP_CACHE", str(sweep["cache"]))
+
+
+class _Page(HTMLParser):
+    """Collects section ids, image sources, tables (as lists of rows of cell text)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids, self.imgs, self.tables, self._cell, self._row = [], [], [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.append(a["id"])
+        if tag == "img":
+            self.imgs.append(a["src"])
+        elif tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append(self._cell.strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[-1].append(self._row)
+            self._row = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def _parse(page: Path) -> tuple[_Page, str]:
+    text = page.read_text()
+    p = _Page()
+    p.feed(text)
+    return p, text
+
+
+def _table_with(p: _Page, header: str) -> pd.DataFrame:
+    for t in p.tables:
+        if t and header in t[0]:
+            return pd.DataFrame(t[1:], columns=t[0])
+    raise AssertionError(f"no table with column {header!r}")
+
+
+@pytest.fixture(scope="module")
+def report(sweep, tmp_path_factory):
+    from skinsweep.report import build_report
+
+    out = tmp_path_factory.mktemp("rep") / "report"
+    msgs: list[str] = []
+    page = build_report(sweep["results"], ensembles=[sweep["ensemble"]], out=out, gallery=2, log=msgs.append)
+    return page, msgs
+
+
+def test_report_has_every_section_and_valid_images(report):
+    page, msgs = report
+    p, text = _parse(page)
+    for sid in ("overview", "models", "ensembles", "gallery", "errors"):
+        assert sid in p.ids, f"section {sid} missing"
+    # every referenced image exists beside the page and is a PNG that decodes
+    assert len(p.imgs) >= 10
+    for src in p.imgs:
+        f = page.parent / src
+        assert f.is_file(), src
+        with Image.open(f) as im:
+            assert im.format == "PNG"
+            im.verify()
+    names = {Path(s).name for s in p.imgs}
+    assert {"best_over_time.png", "hparams.png", "asha.png", "roc_pr.png"} <= names
+    assert any(n.startswith("curves_") for n in names) and any(n.startswith("calib_") for n in names)
+    assert any(n.startswith("ens_") for n in names)
+    # overview: status counts and one table row per trial, sortable
+    assert re.search(r"<b>3</b>completed", text) and re.search(r"<b>1</b>pruned", text) and re.search(r"<b>1</b>failed", text)
+    trials = _table_with(p, "status")
+    assert sorted(trials["trial_id"]) == ["f0", "p0", "t0", "t1", "t2"]
+    assert "class='sortable'" in text and "addEventListener('click'" in text
+    assert "out of memory" in text  # failed trials show their error line
+    # ensemble section: CIs and the DeLong p-value
+    assert "DeLong" in text and re.search(r"p = [0-9.e-]+", text)
+    assert any(m.startswith("report: heat maps of") for m in msgs)
+
+
+def test_report_numbers_come_from_stored_predictions(report, sweep):
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from skinsweep.results import load
+
+    p, _ = _parse(report[0])
+    models = _table_with(p, "test AUC").set_index("model")
+    preds = load(sweep["results"]).predictions
+    assert len(models) == 3  # one per backbone
+    for label, row in models.iterrows():
+        tid = label.split("/")[-1]
+        t = preds[(preds["trial_id"] == tid) & (preds["split"] == "test")]
+        assert float(row["test AUC"]) == pytest.approx(roc_auc_score(t["label"], t["prob"]), abs=6e-5)
+        assert float(row["test AP"]) == pytest.approx(average_precision_score(t["label"], t["prob"]), abs=6e-5)
+    # error analysis by diagnosis: counts equal the ensemble's stored test predictions
+    ens = pd.read_parquet(sweep["ensemble"] / "predictions.parquet")
+    thr = json.loads((sweep["ensemble"] / "report.json").read_text())["threshold"]
+    test = ens[ens["split"] == "test"]
+    by_dx = _table_with(p, "flagged").set_index("dx")
+    for dx, g in test.groupby("dx"):
+        assert int(by_dx.loc[dx, "images"]) == len(g)
+        assert int(by_dx.loc[dx, "flagged"]) == int((g["calibrated_prob"] >= thr).sum())
+    # metadata tables exist (the synthetic release has age, sex and site)
+    for col in ("age group", "sex", "site"):
+        assert int(_table_with(p, col)["images"].astype(int).sum()) == len(test)
+
+
+def test_gallery_picks_confident_mistakes(report, sweep):
+    """The gallery's false negatives are the test melanomas with the lowest ensemble probability."""
+    _, text = _parse(report[0])
+    ens = pd.read_parquet(sweep["ensemble"] / "predictions.parquet")
+    thr = json.loads((sweep["ensemble"] / "report.json").read_text())["threshold"]
+    t = ens[ens["split"] == "test"]
+    fn = t[(t["label"] == 1) & (t["calibrated_prob"] < thr)].sort_values("calibrated_prob")
+    fp = t[(t["label"] == 0) & (t["calibrated_prob"] >= thr)].sort_values("calibrated_prob", ascending=False)
+    gallery = text[text.index("id='gallery'"):text.index("id='errors'")]
+    for df in (fn, fp):
+        for img in df["image_id"].head(2):
+            assert img in gallery
+        for img in df["image_id"].iloc[2:]:
+            assert f"<b>{img}</b>" not in gallery  # only the top 2 (gallery=2)
+    assert (fn.empty or "g_" in gallery) and "heat map" in gallery
+
+
+@pytest.mark.parametrize("k", range(len(MEMBERS)))
+def test_gradcam_maps_have_image_size_and_vary(sweep, k):
+    from skinsweep.data.index import load_index
+    from skinsweep.explain import gradcam, target_layer
+    from skinsweep.trial import load_trial_model
+
+    model, meta = load_trial_model(sweep["base"] / "trials" / f"t{k}")
+    _, _, method = target_layer(model, meta["data_config"]["input_size"])
+    # tiny_resnet at 32 px: layer4 is 1x1, so the deepest stage with a 4x4 map (layer2)
+    assert method == ("Grad-CAM on layer2" if MEMBERS[k][0] == "tiny_resnet" else "Grad-CAM (ViT tokens)")
+    # the images this model scores highest: Grad-CAM keeps only evidence *for* melanoma (ReLU), so an
+    # image nothing in which raises the logit has an all-zero map (the gallery says so)
+    preds = pd.read_parquet(sweep["base"] / "trials" / f"t{k}" / "predictions.parquet").sort_values("prob")
+    index = load_index(sweep["data"]).df.set_index("image_id")
+    paths = index.loc[preds["image_id"].tail(3), "path"].tolist()
+    maps = gradcam(model, meta, paths)
+    assert len(maps) == 3
+    for m in maps:
+        assert m.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0])
+        assert m.dtype == np.float32 and m.min() >= 0 and m.max() <= 1 + 1e-6
+        assert m.std() > 1e-3  # not constant
+    # a linear probe leaves its backbone frozen in training, yet its heat map still gets gradients
+    assert not np.allclose(maps[0], maps[1])
+
+
+def test_center_crop_maps_land_on_the_crop():
+    from skinsweep.explain import _to_original
+
+    m = np.ones((8, 8), np.float32)
+    out = _to_original(m, 40, 20, "center-crop", Image)
+    assert out.shape == (20, 40)
+    assert out[:, :10].max() == 0 and out[:, 30:].max() == 0 and out[:, 10:30].min() > 0.99
+
+
+def test_report_without_dataset_or_ensemble_still_builds(sweep, tmp_path):
+    """Dataset gone (e.g. report built on another machine): the page says why the gallery is missing."""
+    from skinsweep.report import build_report
+
+    res = tmp_path / "copy"
+    shutil.copytree(sweep["results"], res)
+    info = json.loads((res / "sweep.json").read_text())
+    (res / "sweep.json").write_text(json.dumps(info | {"dataset": str(tmp_path / "gone")}))
+    page = build_report(res, out=tmp_path / "r", log=lambda m: None)
+    p, text = _parse(page)
+    assert "ensembles" not in p.ids and "models" in p.ids
+    assert "No gallery" in text and "not readable from here" in text
+    by_dx = _table_with(p, "flagged")  # error analysis by dx still works from the predictions alone
+    assert len(by_dx) >= 2
+
+
+def test_report_bad_input(sweep, tmp_path):
+    from skinsweep.report import build_report
+
+    with pytest.raises(DataError, match="no report.json"):
+        build_report(sweep["results"], ensembles=[tmp_path], out=tmp_path / "r")
+    other = tmp_path / "other-ens"
+    other.mkdir()
+    rep = json.loads((sweep["ensemble"] / "report.json").read_text())
+    (other / "report.json").write_text(json.dumps(rep | {"split_hash": "deadbeef", "results": "elsewhere"}))
+    shutil.copy(sweep["ensemble"] / "predictions.parquet", other / "predictions.parquet")
+    with pytest.raises(DataError, match="was built from elsewhere"):
+        build_report(sweep["results"], ensembles=[other], out=tmp_path / "r")
+    with pytest.raises(ConfigError, match="--trial nope"):
+        build_report(sweep["results"], trials=["nope"], out=tmp_path / "r")
+    with pytest.raises(DataError, match="no stored val/test predictions"):
+        build_report(sweep["results"], trials=["p0"], out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # nothing written on bad input
+    # the CLI: one red line, exit 2, no traceback
+    r = subprocess.run([sys.executable, "-m", "skinsweep.cli", "report", str(tmp_path / "missing")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout
+    assert len((r.stderr + r.stdout).strip().splitlines()) == 1
+
+
+def test_report_cli_writes_page(sweep, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "skinsweep.cli", "report", str(sweep["results"]), "--out",
+                        str(tmp_path / "r"), "--no-gradcam", "--trial", "t0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "r" / "index.html").is_file() and "open file://" in r.stdout
+    p, text = _parse(tmp_path / "r" / "index.html")
+    assert len(_table_with(p, "test AUC")) == 1
+    assert not list((tmp_path / "r" / "img").glob("g_*_t0.png"))  # no heat maps asked for
+
+
+@pytest.mark.parametrize("name,method", [("resnet18", "Grad-CAM on layer4"), ("dino_vits16", "Grad-CAM (ViT tokens)"),
+                                         ("clip_vitb32", "Grad-CAM (ViT tokens)")])
+def test_gradcam_on_the_real_architectures(name, method, sweep):
+    """The study's backbones (random init: no hub here) take the same heat-map path at 224 px."""
+    from skinsweep.backbones import create_backbone
+    from skinsweep.data.index import load_index
+    from skinsweep.explain import gradcam, target_layer
+    from skinsweep.model import Classifier, make_head
+
+    bb = create_backbone(name, weights="none")
+    model = Classifier(bb.model, make_head(bb.default_head, bb.num_features), mode="linear_probe")
+    assert target_layer(model, bb.data_config.input_size)[2] == method
+    meta = {"image_size": bb.data_config.input_size, "resize_policy": "squash", "data_config": bb.data_config.to_dict()}
+    path = load_index(sweep["data"]).df["path"].iloc[0]
+    (m,) = gradcam(model, meta, [path])
+    assert m.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0]) and m.std() > 1e-3
