@@ -1,6 +1,6 @@
 """``make demo``: the whole product, end to end, on a laptop CPU, on synthetic lesions.
 
-    python -m skinsweep.demo [--root results] [--n 4000] [--epochs 8] [--num-samples 8]
+    python -m skinsweep.demo [--root results] [--n 4000] [--epochs 8] [--num-samples 10]
 
 Steps: synthesise lesions (ISIC 2018 layout) → index + lesion-grouped split → inspect → one trial
 (``skinsweep train``) → a sweep (``sweeps/demo.yaml``: Ray Tune + Optuna + ASHA, tiny backbones, both
@@ -9,9 +9,9 @@ modes) → query its Parquet results → two ensembles (``ensembles/best.yaml``:
 score new images with a bundle → the HTML report → a summary.
 
 Everything is written under ``--root`` (default ``results/``): the dataset, the cache (via
-``$SKINSWEEP_CACHE``), the sweep, the ensembles, the report. Ray's session files go to a private
-temporary folder that is deleted at the end, and matplotlib's cache under ``--root`` too, so the demo
-leaves nothing else behind.
+``$SKINSWEEP_CACHE``), the sweep, the ensembles, the report, matplotlib's cache. Ray's session
+files and the trials' scratch folders go to a private temporary folder (``$RAY_TMPDIR`` and
+``$TMPDIR``) that is deleted at the end, so the demo leaves nothing else behind.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=4000, help="synthetic images")
     ap.add_argument("--size", default="200x150", help="synthetic image size WxH (the release is 600x450)")
     ap.add_argument("--epochs", type=int, default=8, help="epochs per sweep trial")
-    ap.add_argument("--num-samples", type=int, default=8, help="sweep trials")
+    ap.add_argument("--num-samples", type=int, default=10, help="sweep trials")
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the ensemble reports")
     args = ap.parse_args(argv)
 
@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ)
     env.setdefault("SKINSWEEP_CACHE", str((root / ".cache").resolve()))
     env.setdefault("MPLCONFIGDIR", str((root / ".cache" / "matplotlib").resolve()))
-    # Ray's session folder (logs, sockets): private, short path (unix sockets cap it at ~100 bytes), removed below
-    ray_tmp = Path(tempfile.mkdtemp(prefix="skinsweep-ray-"))
-    env["RAY_TMPDIR"] = str(ray_tmp)
+    # Ray's session folder (logs, sockets) and the trials' scratch: private, a short path (unix sockets cap
+    # it at ~100 bytes, so not under --root), removed at the end
+    scratch = Path(tempfile.mkdtemp(prefix="skinsweep-demo-"))
+    env["RAY_TMPDIR"] = env["TMPDIR"] = str(scratch)
 
     def step(title: str, *cli: str) -> None:
         """Run ``skinsweep CLI…`` as a user would (a subprocess, output streamed live)."""
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         step("10. the HTML report: sweep, models, ensembles, Grad-CAM, error analysis", "report", str(sweep_dir),
              "--ensemble", str(ens_root / "dino_clip"), "--ensemble", str(ens_root / "best"))
     finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     _summary(sweep_dir, ens_root, time.perf_counter() - t0)
 
 

@@ -437,10 +437,12 @@ def _errors(src: Source, index: pd.DataFrame | None, note: str) -> str:
     t["flagged"] = (t["prob"] >= src.threshold).astype(int)
     by_dx = t.groupby("dx").agg(images=("label", "size"), melanoma=("label", "max"),
                                 flagged=("flagged", "sum"), mean_prob=("prob", "mean")).reset_index()
-    by_dx["flagged as melanoma"] = by_dx["flagged"] / by_dx["images"]
+    by_dx["rate"] = by_dx["flagged"] / by_dx["images"]
     by_dx["melanoma"] = by_dx["melanoma"].map({1: "yes", 0: "no"})
-    by_dx = by_dx.sort_values("flagged as melanoma", ascending=False)[
-        ["dx", "melanoma", "images", "flagged", "flagged as melanoma", "mean_prob"]]
+    by_dx = by_dx.sort_values("rate", ascending=False)
+    by_dx = pd.DataFrame({"dx": by_dx["dx"], "melanoma": by_dx["melanoma"], "images": by_dx["images"],
+                          "flagged": by_dx["flagged"], "flagged as melanoma": by_dx["rate"].map("{:.1%}".format),
+                          "mean p(melanoma)": by_dx["mean_prob"]})
     out = [f"<p>{html.escape(src.name)} on test at threshold {src.threshold:.4f} (chosen on validation). "
            "For the melanoma rows the flagged fraction is the sensitivity; for the others it is the false-positive "
            "rate of that diagnosis.</p><h3>By diagnosis</h3>", _table(by_dx, sortable=False)]
@@ -456,7 +458,10 @@ def _errors(src: Source, index: pd.DataFrame | None, note: str) -> str:
         if (vals == "unknown").all():
             continue
         rows = []
-        for v, g in meta.groupby(vals.astype(str)):
+        order = ["<30", "30–44", "45–59", "60–74", "75+"] if col == "age group" else sorted(set(vals.astype(str)) - {"unknown"})
+        groups = dict(list(meta.groupby(vals.astype(str))))
+        for v in [o for o in order + ["unknown"] if o in groups]:
+            g = groups[v]
             y, p, f = g["label"].to_numpy(int), g["prob"].to_numpy(float), g["flagged"].to_numpy(int)
             pos, neg = y == 1, y == 0
             rows.append({col: v, "images": len(g), "melanomas": int(pos.sum()),
@@ -530,7 +535,7 @@ h2{border-bottom:2px solid #17324d;padding-bottom:4px;margin-top:36px}h3{margin:
 .cards{display:flex;gap:12px;margin:12px 0}.card{background:#fff;border:1px solid #d5dde6;border-radius:6px;padding:8px 16px;min-width:90px}
 .card b{display:block;font-size:24px}.card.completed b{color:#1b7a3a}.card.pruned b{color:#a86b00}.card.failed b{color:#b3261e}
 .tw{overflow-x:auto;max-height:520px;overflow-y:auto;border:1px solid #d5dde6;border-radius:4px;background:#fff}
-table{border-collapse:collapse;font-size:12.5px;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #eef1f4;white-space:nowrap;text-align:left}
+table{border-collapse:collapse;font-size:12.5px;width:100%}table.plain{width:auto}.tw:has(table.plain){display:inline-block;max-width:100%}th,td{padding:4px 8px;border-bottom:1px solid #eef1f4;white-space:nowrap;text-align:left}
 th{background:#f1f4f8;position:sticky;top:0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.sortable th{cursor:pointer}table.sortable th:hover{background:#dfe7f0}th.asc:after{content:" ▲"}th.desc:after{content:" ▼"}
 figure{margin:14px 0}figure.fig img{max-width:100%;border:1px solid #e3e8ee;background:#fff}

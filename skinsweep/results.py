@@ -536,7 +536,8 @@ def _history_table(history: Any, trial_id: str) -> pa.Table | None:
             for rec in history if isinstance(rec, dict) and "epoch" in rec]
     if not rows:
         return None
-    df = pd.DataFrame(rows).sort_values("epoch")
+    # a retried trial reports its epochs again: keep the last attempt's record of each epoch
+    df = pd.DataFrame(rows).drop_duplicates("epoch", keep="last").sort_values("epoch")
     df["epoch"] = df["epoch"].astype("int64")
     df.insert(0, "trial_id", trial_id)
     return pa.Table.from_pandas(df, preserve_index=False)

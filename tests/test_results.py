@@ -356,3 +356,25 @@ def test_remove_trials_drops_rows_and_predictions(tmp_path):
     assert store.trial_ids() == {"t0", "t2"}
     assert sorted(p.stem for p in (tmp_path / "s" / "predictions").glob("*.parquet")) == ["t0", "t2"]
     assert set(pd.read_parquet(tmp_path / "s" / "predictions")["trial_id"]) == {"t0", "t2"}
+
+
+def test_history_per_epoch_stored_deduplicated_and_removed(tmp_path):
+    """Per-epoch records go to history/<trial>.parquet (pruned trials too); a retried trial's repeated
+    epochs keep the last attempt; removing a trial removes its history."""
+    store = ResultsStore(tmp_path / "h")
+    s = summary("t1", val_auc=0.9)
+    s["history"] = [{"epoch": 1, "train_loss": 0.9, "val_auc": 0.6}, {"epoch": 2, "train_loss": 0.7, "val_auc": 0.8}]
+    add(store, s)
+    pruned = {"trial_id": "t2", "status": "pruned", "config": s["config"], "val": {"auc": 0.5}, "test": {},
+              "history": [{"epoch": 1, "train_loss": 1.0, "val_auc": 0.4, "node": "n1"},      # first attempt
+                          {"epoch": 1, "train_loss": 0.95, "val_auc": 0.5}]}                # its retry
+    store.add_trial(pruned, predictions=None, status="pruned")
+    store.add_failed("t3", s["config"], "boom")
+    h = store.history()
+    assert sorted(h.columns) == ["epoch", "train_loss", "trial_id", "val_auc"]  # numeric values only
+    assert h[h["trial_id"] == "t1"]["val_auc"].tolist() == [0.6, 0.8]
+    assert h[h["trial_id"] == "t2"][["epoch", "val_auc"]].values.tolist() == [[1, 0.5]]
+    assert "t3" not in set(h["trial_id"]) and len(store.history(["t1"])) == 2
+    store.remove_trials(["t1"])
+    assert not (tmp_path / "h" / "history" / "t1.parquet").exists()
+    assert set(store.history()["trial_id"]) == {"t2"}
