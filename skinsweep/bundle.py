@@ -68,7 +68,8 @@ def export_bundle(folder: str | Path, results, members: list[str], combiner, cal
         entries.append({"trial_id": m, "path": f"members/{m}", "model": json.loads(model_json.read_text())})
     meta = {
         "format": FORMAT, "name": recipe.name, "members": entries, "combiner": combiner.to_dict(),
-        "metadata": metadata.to_dict() if metadata is not None else None, "calibrator": calibrator.to_dict(), "threshold": float(threshold), "threshold_rule": recipe.threshold.kwargs(),
+        "metadata": metadata.to_dict() if metadata is not None else None,
+        "calibrator": calibrator.to_dict(), "threshold": float(threshold), "threshold_rule": recipe.threshold.kwargs(),
         "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
         "split_hash": report.get("split_hash"), "versions": versions(),
     }

@@ -5,7 +5,8 @@ Everything is fitted on **validation** predictions only; **test** is scored once
 1. members   — explicit trial ids, a rule over ``trials.parquet`` (best completed trial per backbone,
                top-k), or greedy ensemble selection (Caruana et al. 2004) on validation;
 2. align     — every member must have scored the same images with the same split hash;
-3. combine   — mean of probabilities / logits, weighted mean, or logistic stacking on member logits,
+3. combine   — mean of probabilities / logits, weighted mean, or logistic stacking on member logits
+               (optionally with patient age / sex / site, :mod:`skinsweep.metadata`),
                cross-fitted on validation (out-of-fold, grouped by lesion) so validation scores are
                honest; the final combiner is fitted on all validation rows;
 4. calibrate — none / temperature / Platt / isotonic, cross-fitted the same way;
