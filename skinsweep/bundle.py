@@ -3,14 +3,16 @@
 Layout::
 
     bundle.json                      members (backbone spec, data config, head), combiner and calibrator
-                                     parameters, threshold, recipe, split/recipe hashes, library versions
+                                     parameters, metadata encoder (when the stacker uses age/sex/site),
+                                     threshold, recipe, split/recipe hashes, library versions
     members/<trial_id>/model.json    the trial's own model description (as written by the trial)
     members/<trial_id>/checkpoint.safetensors
     manifest.json                    sha256 of every file above
 
 :func:`load_bundle` verifies the manifest first and refuses a tampered or incomplete bundle.
 ``Bundle.predict`` reproduces the evaluation path exactly: decode + resize as the image cache does,
-the member's eval transform, member logits, combiner, calibrator, threshold.
+the member's eval transform, member logits, combiner, calibrator, threshold. A bundle whose stacker
+uses patient metadata needs it at predict time (``metadata=``, matched to images by file stem).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from skinsweep.errors import DataError
+from skinsweep.errors import ConfigError, DataError
 from skinsweep.fsutil import atomic_write_text
 
 BUNDLE_JSON = "bundle.json"
@@ -42,8 +44,9 @@ def _sha256(path: Path) -> str:
 
 
 def export_bundle(folder: str | Path, results, members: list[str], combiner, calibrator, threshold: float,
-                  recipe, report: dict) -> Path:
-    """Write a bundle for ``members`` (trial ids of ``results``) with the fitted combiner/calibrator."""
+                  recipe, report: dict, *, metadata=None) -> Path:
+    """Write a bundle for ``members`` (trial ids of ``results``) with the fitted combiner/calibrator and,
+    when the combiner stacks patient metadata, the fitted :class:`~skinsweep.metadata.MetadataEncoder`."""
     from skinsweep.trial import versions
 
     folder = Path(folder)
@@ -65,6 +68,7 @@ def export_bundle(folder: str | Path, results, members: list[str], combiner, cal
         entries.append({"trial_id": m, "path": f"members/{m}", "model": json.loads(model_json.read_text())})
     meta = {
         "format": FORMAT, "name": recipe.name, "members": entries, "combiner": combiner.to_dict(),
+        "metadata": metadata.to_dict() if metadata is not None else None,
         "calibrator": calibrator.to_dict(), "threshold": float(threshold), "threshold_rule": recipe.threshold.kwargs(),
         "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
         "split_hash": report.get("split_hash"), "versions": versions(),
@@ -84,10 +88,16 @@ class Bundle:
     model_meta: list[dict]
     combiner: Any
     calibrator: Any
+    metadata_encoder: Any = None  # MetadataEncoder when the stacker uses age/sex/site, else None
 
     @property
     def threshold(self) -> float:
         return float(self.meta["threshold"])
+
+    @property
+    def metadata_features(self) -> list[str]:
+        """Patient metadata the bundle needs at predict time (``[]``: images only)."""
+        return list(self.metadata_encoder.features) if self.metadata_encoder is not None else []
 
     @property
     def member_ids(self) -> list[str]:
@@ -117,17 +127,46 @@ class Bundle:
                 out[s:s + batch_size, j] = logit.double().numpy()
         return out
 
-    def predict(self, images: Sequence, *, tta: bool = False) -> pd.DataFrame:
-        """Per image: member probabilities, ensemble probability, calibrated probability, decision."""
+    def predict(self, images: Sequence, *, tta: bool = False, metadata: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Per image: member probabilities, ensemble probability, calibrated probability, decision.
+
+        ``metadata`` (needed when :attr:`metadata_features` is not empty, ignored otherwise): a table
+        with ``image_id`` and those columns (``site`` may be called ``localization``, as in
+        HAM10000_metadata.csv), matched to each image by its file stem. Images without a row are scored
+        with unknown metadata and marked in the ``metadata_missing`` column.
+        """
+        extra, no_row = self._metadata_features(images, metadata)
         X = self.member_logits(images, tta=tta)
-        ens = self.combiner.predict_logit(X)
+        ens = self.combiner.predict_logit(X, extra=extra)
         cal = self.calibrator.predict_proba(ens)
         df = pd.DataFrame({f"prob_{m}": 1 / (1 + np.exp(-X[:, j])) for j, m in enumerate(self.member_ids)})
         df.insert(0, "image", [str(i) if isinstance(i, (str, Path)) else f"<image {k}>" for k, i in enumerate(images)])
         df["ensemble_prob"] = 1 / (1 + np.exp(-ens))
         df["calibrated_prob"] = cal
         df["decision"] = (cal >= self.threshold).astype("int8")
+        if extra is not None:
+            df["metadata_missing"] = no_row
         return df
+
+    def check_metadata(self, metadata: pd.DataFrame | None) -> None:
+        """Raise ConfigError when the bundle needs metadata and none is given (before any scoring)."""
+        if self.metadata_features and metadata is None:
+            cols = ", ".join("localization" if f == "site" else f for f in self.metadata_features)
+            raise ConfigError(f"bundle {self.path} stacks patient metadata ({', '.join(self.metadata_features)}) "
+                              f"with the images; pass a table with image_id, {cols} (skinsweep predict --metadata "
+                              "meta.csv, as HAM10000_metadata.csv; Bundle.predict(images, metadata=df))")
+
+    def _metadata_features(self, images: Sequence, metadata) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(extra (N, F), no_row (N,)) for the stacker, or (None, None) for a bundle without metadata."""
+        from skinsweep.metadata import join_metadata, metadata_table
+
+        self.check_metadata(metadata)
+        if not self.metadata_features:
+            return None, None
+        table = metadata_table(pd.DataFrame(metadata), self.metadata_features, "metadata")
+        stems = [Path(i).stem if isinstance(i, (str, Path)) else None for i in images]  # in-memory: no id
+        rows, no_row = join_metadata(table, stems)
+        return self.metadata_encoder.transform(rows), no_row
 
 
 def _decode(image, size: int, policy: str, decode_resize) -> np.ndarray:
@@ -163,6 +202,7 @@ def load_bundle(path: str | Path) -> Bundle:
     """Verify and load a bundle (CPU). ``load_bundle(p).predict([...])`` scores images."""
     from skinsweep.calibration import calibrator_from_dict
     from skinsweep.combine import combiner_from_dict
+    from skinsweep.metadata import MetadataEncoder
     from skinsweep.trial import load_trial_model
 
     path = Path(path)
@@ -173,4 +213,5 @@ def load_bundle(path: str | Path) -> Bundle:
         models.append(model)
         model_meta.append(mm)
     return Bundle(path=path, meta=meta, models=models, model_meta=model_meta,
-                  combiner=combiner_from_dict(meta["combiner"]), calibrator=calibrator_from_dict(meta["calibrator"]))
+                  combiner=combiner_from_dict(meta["combiner"]), calibrator=calibrator_from_dict(meta["calibrator"]),
+                  metadata_encoder=MetadataEncoder.from_dict(meta["metadata"]) if meta.get("metadata") else None)

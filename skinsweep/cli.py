@@ -319,11 +319,12 @@ def ensemble_build(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default ensembles/<name>/)."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set calibration.method=isotonic."),
     no_bundle: bool = typer.Option(False, "--no-bundle", help="Skip writing the deployment bundle."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset to read combiner.metadata from (default: the sweep's)."),
 ) -> None:
     """Fit an ensemble on validation predictions, report it on test (with CIs), export a bundle."""
     from skinsweep.ensemble import build_ensemble
 
-    rep = build_ensemble(recipe, results, out=out_dir, overrides=set_, bundle=not no_bundle)
+    rep = build_ensemble(recipe, results, out=out_dir, overrides=set_, bundle=not no_bundle, data=data)
     t = Table(title=f"ensemble {rep['name']} on test ({rep['n']['test']:,} images, {rep['n']['test_pos']:,} melanoma) — "
                     "95% bootstrap CIs by lesion")
     metrics = ("auc", "ap", "recall", "specificity", "ece", "brier", "sens_at_spec")
@@ -337,6 +338,9 @@ def ensemble_build(
     out.print(f"threshold {rep['threshold']:.4f} (chosen on validation: {rep['threshold_rule']}); "
               f"DeLong ensemble vs best member {rep['best_member']['label']}: ΔAUC {d['diff']:+.4f}, p = {d['p_value']:.3g}",
               highlight=False)
+    if rep.get("metadata"):
+        out.print(f"stacked with metadata {', '.join(rep['metadata']['features'])} from {rep['metadata']['source']}",
+                  highlight=False)
     where = Path(out_dir) if out_dir else Path("ensembles") / rep["name"]
     out.print(f"wrote {where}/report.json, predictions.parquet, roc.png, pr.png, reliability.png, confusion.png"
               + (f", bundle {rep['bundle']}" if rep.get("bundle") else ""))
@@ -349,14 +353,25 @@ def predict(
     inputs: List[Path] = typer.Argument(..., metavar="IMAGE_OR_FOLDER...", help="Images or folders of images."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write predictions to .csv or .parquet."),
     tta: bool = typer.Option(False, "--tta", help="Average each member's logit over the image and its mirror."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV with image_id (= file stem), age, sex, "
+                                            "localization, as HAM10000_metadata.csv; needed by bundles that stack metadata."),
 ) -> None:
     """Score images with a bundle: member probabilities, ensemble, calibrated probability, decision."""
     from skinsweep.bundle import load_bundle
+    from skinsweep.metadata import read_metadata_csv
     from skinsweep.predict import predict_files
 
     b = load_bundle(bundle)
-    df = predict_files(b, inputs, tta=tta, progress=True)
+    if metadata and not b.metadata_features:
+        err.print(f"[yellow]note:[/] bundle {bundle} uses no metadata; --metadata {metadata} is ignored",
+                  highlight=False, soft_wrap=True)
+    meta = read_metadata_csv(metadata, b.metadata_features) if metadata and b.metadata_features else None
+    df = predict_files(b, inputs, tta=tta, progress=True, metadata=meta)
     n_err = int(df["error"].notna().sum())
+    n_nometa = int(df["metadata_missing"].sum()) if "metadata_missing" in df else 0
+    if n_nometa:
+        err.print(f"[yellow]warning:[/] {n_nometa} of {len(df)} images have no row in {metadata}; scored with unknown "
+                  f"{'/'.join(b.metadata_features)} (column metadata_missing)", highlight=False, soft_wrap=True)
     if out_file:
         if out_file.suffix not in (".csv", ".parquet"):
             raise ConfigError(f"--out {out_file}: use a .csv or .parquet file name")

@@ -491,6 +491,12 @@ class Stacking(Combiner):
     scaling is then folded into the coefficients, so prediction is one dot product in raw units.
     The output is the regression's logit, ``[X, extra] @ coef_ + intercept_``.
 
+    Extra columns holding only 0 and 1 (one-hot sex / site, missing indicators) are left unscaled.
+    Standardising a rare indicator divides it by its small standard deviation (a site seen in 8 of
+    1,500 validation images: by ~0.07), which weakens its penalty ~200-fold, so a handful of images
+    with no melanoma set a logit offset of -4 for every future lesion at that site (seen on HAM10000).
+    Penalised in raw units, an indicator is shrunk the more the rarer it is.
+
     Parameters:
         C: inverse L2 strength (smaller = stronger shrinkage toward equal-nothing weights).
         max_iter: lbfgs iterations.
@@ -508,11 +514,16 @@ class Stacking(Combiner):
         C = _positive_float("C", self.C, "e.g. 1.0; smaller values regularise more")
         max_iter = _check_int("max_iter", self.max_iter, 1)
         Z = X if E is None else np.hstack([X, E])
-        scaler = StandardScaler().fit(Z)  # a constant column gets scale 1 (and so coefficient 0)
-        lr = LogisticRegression(C=C, max_iter=max_iter).fit(scaler.transform(Z), y)
-        coef = lr.coef_[0] / scaler.scale_
+        scaled = np.ones(Z.shape[1], dtype=bool)
+        if E is not None:
+            scaled[X.shape[1]:] = ~np.all((E == 0) | (E == 1), axis=0)  # 0/1 indicators: raw units (see above)
+        mean, scale = np.zeros(Z.shape[1]), np.ones(Z.shape[1])
+        scaler = StandardScaler().fit(Z[:, scaled])  # a constant column gets scale 1 (and so coefficient 0)
+        mean[scaled], scale[scaled] = scaler.mean_, scaler.scale_
+        lr = LogisticRegression(C=C, max_iter=max_iter).fit((Z - mean) / scale, y)
+        coef = lr.coef_[0] / scale
         self.coef_ = coef
-        self.intercept_ = float(lr.intercept_[0] - coef @ scaler.mean_)
+        self.intercept_ = float(lr.intercept_[0] - coef @ mean)
         self.n_extra_ = 0 if E is None else E.shape[1]
 
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:

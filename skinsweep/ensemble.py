@@ -5,7 +5,8 @@ Everything is fitted on **validation** predictions only; **test** is scored once
 1. members   — explicit trial ids, a rule over ``trials.parquet`` (best completed trial per backbone,
                top-k), or greedy ensemble selection (Caruana et al. 2004) on validation;
 2. align     — every member must have scored the same images with the same split hash;
-3. combine   — mean of probabilities / logits, weighted mean, or logistic stacking on member logits,
+3. combine   — mean of probabilities / logits, weighted mean, or logistic stacking on member logits
+               (optionally with patient age / sex / site, :mod:`skinsweep.metadata`),
                cross-fitted on validation (out-of-fold, grouped by lesion) so validation scores are
                honest; the final combiner is fitted on all validation rows;
 4. calibrate — none / temperature / Platt / isotonic, cross-fitted the same way;
@@ -67,6 +68,17 @@ class CombinerSpec(_Strict):
     type: Literal["mean_prob", "mean_logit", "weighted", "stacking"] = "stacking"
     C: float = Field(1.0, gt=0, description="stacking: inverse L2 strength")
     n_splits: int = Field(5, ge=2, description="cross-fitting folds on validation (grouped by lesion)")
+    metadata: list[Literal["age", "sex", "site"]] = Field(
+        [], description="stacking: patient metadata from the sweep's dataset index, stacked with the member logits")
+
+    @model_validator(mode="after")
+    def _metadata_needs_stacking(self) -> "CombinerSpec":
+        if self.metadata and self.type != "stacking":
+            raise ValueError(f"combiner.metadata is only used by combiner.type stacking (type is {self.type}); "
+                             "set combiner.type: stacking or drop combiner.metadata")
+        if len(set(self.metadata)) != len(self.metadata):
+            raise ValueError(f"combiner.metadata lists a feature twice ({self.metadata}); list each of age, sex, site once")
+        return self
 
 
 class CalibrationSpec(_Strict):
@@ -107,6 +119,13 @@ class EnsembleRecipe(_Strict):
     threshold: ThresholdSpec = ThresholdSpec()
     report: ReportSpec = ReportSpec()
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _greedy_has_no_metadata(self) -> "EnsembleRecipe":
+        if self.combiner.metadata and self.members.rule == "greedy":
+            raise ValueError("combiner.metadata cannot be used with members.rule greedy (it averages probabilities); "
+                             "use another members.rule with combiner.type stacking, or drop combiner.metadata")
+        return self
 
     @property
     def hash(self) -> str:
@@ -218,11 +237,12 @@ def _groups(rows: pd.DataFrame) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str | Path | None = None,
-                   overrides: list[str] = (), bundle: bool = True) -> dict:
+                   overrides: list[str] = (), bundle: bool = True, data: str | Path | None = None) -> dict:
     """Fit the ensemble described by ``recipe_path`` on a sweep's validation predictions; report on test.
 
     Writes ``report.json``, ``predictions.parquet``, PNG plots and (``bundle=True``) a deployment bundle
-    under ``out`` (default ``ensembles/<name>/``). Returns the report dict.
+    under ``out`` (default ``ensembles/<name>/``). Returns the report dict. ``data`` is the dataset
+    folder to read ``combiner.metadata`` from (default: the one the members were trained on).
     """
     from skinsweep.calibration import choose_threshold, make_calibrator
     from skinsweep.combine import combiner_from_dict, make_combiner
@@ -242,6 +262,13 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     yv, yt = val_rows["label"].to_numpy(int), test_rows["label"].to_numpy(int)
     gv = _groups(val_rows)
     weights = None
+    meta = None
+    if recipe.combiner.metadata:  # age/sex/site joined from the dataset index; encoder fitted on val only
+        from skinsweep.metadata import prepare_metadata
+
+        meta = prepare_metadata(recipe.combiner.metadata, res, candidates,
+                                {"val": val_rows["image_id"], "test": test_rows["image_id"]}, data)
+    extra = meta.extra if meta else {"val": None, "test": None}
 
     # ---- 3. combine (cross-fitted on val: out-of-fold logits for honest validation scores) ----------
     if recipe.members.rule == "greedy":
@@ -250,7 +277,8 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
                                  top_n=None)  # candidates are already the top_n trials by members.by
     else:
         combiner = make_combiner(recipe.combiner.type, **({"C": recipe.combiner.C} if recipe.combiner.type == "stacking" else {}))
-    ens_val = combiner.fit_crossfit(Xv, yv, gv, n_splits=recipe.combiner.n_splits, seed=recipe.seed)
+    ens_val = combiner.fit_crossfit(Xv, yv, gv, n_splits=recipe.combiner.n_splits, seed=recipe.seed,
+                                    extra=extra["val"])
     members = candidates
     if recipe.members.rule == "greedy":  # deploy only the members the final selection kept
         d = combiner.to_dict()
@@ -262,7 +290,7 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
         members = [candidates[i] for i in keep]
         weights = np.asarray(d["state"]["weights"])
         Xv, Xt = Xv[:, keep], Xt[:, keep]
-    ens_test = combiner.predict_logit(Xt)
+    ens_test = combiner.predict_logit(Xt, extra=extra["test"])
 
     # ---- 4. calibrate (cross-fitted on val, on the out-of-fold ensemble logits) ------------------
     calibrator = make_calibrator(recipe.calibration.method)
@@ -292,7 +320,8 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
              "weight": None if weights is None else float(weights[j]), "val_auc": val_auc[m], "threshold": member_thr[m]}
             for j, m in enumerate(members)],
         "best_member": {"trial_id": best, "label": label[best], "chosen_by": "val AUC"},
-        "combiner": combiner.to_dict(), "calibrator": calibrator.to_dict(), "threshold": thr,
+        "combiner": combiner.to_dict(), "metadata": meta.summary() if meta else None,
+        "calibrator": calibrator.to_dict(), "threshold": thr,
         "threshold_rule": recipe.threshold.kwargs(),
         "split_hash": str(preds.loc[preds["trial_id"] == members[0], "split_hash"].iloc[0]),
         "val": {"ensemble_uncalibrated": binary_metrics(yv, _sigmoid(ens_val), threshold=0.5),
@@ -303,7 +332,8 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     out.mkdir(parents=True, exist_ok=True)
     table = []
     for split, rows, X, ens, cal in (("val", val_rows, Xv, ens_val, cal_val), ("test", test_rows, Xt, ens_test, cal_test)):
-        df = rows.assign(split=split, **{f"prob_{m}": _sigmoid(X[:, j]) for j, m in enumerate(members)},
+        raw = {f: meta.rows[split][f].to_numpy() for f in meta.encoder.features} if meta else {}
+        df = rows.assign(split=split, **raw, **{f"prob_{m}": _sigmoid(X[:, j]) for j, m in enumerate(members)},
                          ensemble_prob=_sigmoid(ens), calibrated_prob=cal, decision=(cal >= thr).astype("int8"))
         table.append(df)
     with atomic_path(out / PREDICTIONS) as tmp:
@@ -315,7 +345,8 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     if bundle:
         from skinsweep.bundle import export_bundle
 
-        report["bundle"] = str(export_bundle(out / "bundle", res, members, combiner, calibrator, thr, recipe, report))
+        report["bundle"] = str(export_bundle(out / "bundle", res, members, combiner, calibrator, thr, recipe, report,
+                                             metadata=meta.encoder if meta else None))
     atomic_write_text(out / REPORT_JSON, json.dumps(json_safe(report), indent=2))
     return report
 

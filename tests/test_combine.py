@@ -98,6 +98,21 @@ def test_stacking_learns_signal_weights_and_extra_features() -> None:
 # ----------------------------------------------------------------------------- leakage probes
 
 
+def test_stacking_penalises_indicator_columns_in_raw_units() -> None:
+    # A one-hot metadata column seen in 8 of 1,500 images, all benign: standardised before the L2 fit,
+    # it would get a coefficient of about -3.6 (8 images move every future lesion of that category by
+    # -3.6 logits); in raw units the penalty shrinks it, while a common informative indicator and the
+    # members keep their weight.
+    X, y = _members(1500, [1.0, 0.5], seed=4)
+    rng = np.random.default_rng(0)
+    rare = np.zeros(1500)
+    rare[np.flatnonzero(y == 0)[:8]] = 1
+    common = (rng.random(1500) < 0.5 + 0.2 * (2 * y - 1)).astype(float)
+    comb = Stacking().fit(X, y, extra=np.column_stack([rare, common]))
+    assert -1.0 < comb.coef_[2] < 0
+    assert comb.coef_[3] > 1.0 and comb.coef_[0] > comb.coef_[1] > 0.5
+
+
 def _lesion_key_case(seed: int, n_lesions: int = 150):
     """Two images per lesion; informative members with a weak signal; and a 'leaky' feature: a
     one-hot key per lesion. The key identifies a lesion and nothing else, so it only helps a model

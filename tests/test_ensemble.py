@@ -160,6 +160,87 @@ def test_predict_cli_with_a_corrupt_file(sweep, tmp_path):
     assert df["calibrated_prob"].notna().sum() == 4 and "1 of 5 files could not be scored" in r.output
 
 
+META = ["age", "sex", "site"]
+
+
+@pytest.fixture(scope="module")
+def meta_bundle(sweep, tmp_path_factory):
+    """An ensemble whose stacker uses age, sex and site (from the synthetic HAM10000_metadata.csv)."""
+    from skinsweep.ensemble import build_ensemble
+
+    out = tmp_path_factory.mktemp("meta") / "e"
+    rep = build_ensemble(recipe(out.parent, combiner={"type": "stacking", "metadata": META}), sweep["results"], out=out)
+    return rep, pd.read_parquet(out / "predictions.parquet")
+
+
+def _image_paths(sweep, ids) -> list[str]:
+    return [str(sweep["data"] / "ISIC2018_Task3_Training_Input" / f"{i}.jpg") for i in ids]
+
+
+def test_bundle_with_metadata_reproduces_the_report(sweep, meta_bundle, tmp_path):
+    from skinsweep.bundle import load_bundle
+
+    rep, preds = meta_bundle
+    assert rep["metadata"]["features"] == META and json.loads(Path(rep["bundle"], "bundle.json").read_text())["metadata"]
+    b = load_bundle(rep["bundle"])
+    assert b.metadata_features == META
+    rows = preds[preds["split"] == "test"].head(16)  # val rows are stored out-of-fold, by design
+    paths = _image_paths(sweep, rows["image_id"])
+    meta = pd.read_csv(sweep["data"] / "HAM10000_metadata.csv")  # image_id, age, sex, localization, ...
+    out = b.predict(paths, metadata=meta)
+    # what is deployed is what was evaluated, metadata included
+    np.testing.assert_allclose(out["calibrated_prob"].to_numpy(), rows["calibrated_prob"].to_numpy(), atol=1e-5)
+    np.testing.assert_array_equal(out["decision"].to_numpy(), rows["decision"].to_numpy())
+    assert not out["metadata_missing"].any()
+    # the metadata are used: scoring every image as unknown changes the scores, and says so
+    blank = b.predict(paths, metadata=meta.head(0))
+    assert blank["metadata_missing"].all()
+    assert np.abs(blank["ensemble_prob"].to_numpy() - out["ensemble_prob"].to_numpy()).max() > 1e-4
+    with pytest.raises(ConfigError, match=r"stacks patient metadata \(age, sex, site\).*metadata="):
+        b.predict(paths)
+    # the encoder's JSON is covered by the manifest
+    tampered = tmp_path / "tampered"
+    shutil.copytree(rep["bundle"], tampered)
+    d = json.loads((tampered / "bundle.json").read_text())
+    d["metadata"]["state"]["age_mean"] += 1.0
+    (tampered / "bundle.json").write_text(json.dumps(d))
+    with pytest.raises(DataError, match="modified after it was built"):
+        load_bundle(tampered)
+
+
+def test_predict_cli_with_metadata(sweep, meta_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from skinsweep.cli import app
+
+    rep, preds = meta_bundle
+    test = preds[preds["split"] == "test"].head(4)
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for p in _image_paths(sweep, test["image_id"]):
+        shutil.copy(p, folder)
+    meta = pd.read_csv(sweep["data"] / "HAM10000_metadata.csv")
+    first = test["image_id"].iloc[0]
+    meta[meta["image_id"] != first].to_csv(tmp_path / "meta.csv", index=False)
+    run = CliRunner().invoke
+    r = run(app, ["predict", rep["bundle"], str(folder), "--metadata", str(tmp_path / "meta.csv"),
+                  "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    assert "1 of 4 images have no row in" in r.output
+    df = pd.read_csv(tmp_path / "p.csv").set_index(test["image_id"].to_numpy())  # files sorted = ids sorted
+    assert df["metadata_missing"].tolist() == [True, False, False, False]
+    np.testing.assert_allclose(df["calibrated_prob"].iloc[1:], test["calibrated_prob"].iloc[1:], atol=1e-5)
+
+    r = run(app, ["predict", rep["bundle"], str(folder)])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "stacks patient metadata" in lines[0] and "--metadata" in lines[0]
+    meta[["image_id", "age"]].to_csv(tmp_path / "bad.csv", index=False)
+    r = run(app, ["predict", rep["bundle"], str(folder), "--metadata", str(tmp_path / "bad.csv")])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1
+    assert f"{tmp_path / 'bad.csv'}: missing column(s) sex, localization; expected image_id, age, sex, localization" in lines[0]
+
+
 @pytest.mark.parametrize("section, message", [
     ({"members": {"rule": "explicit"}}, r"rule explicit needs"),
     ({"members": {"rule": "best_per_backbone", "by": "test_auc"}}, r"validation metrics only"),
