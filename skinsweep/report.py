@@ -330,13 +330,15 @@ def _ensemble_section(img: Path, e: _Ensemble) -> str:
                                    "reliability": "Reliability before / after calibration (validation, out-of-fold)",
                                    "confusion": "Confusion matrix on test at the chosen threshold"}[key], small=True))
     rule = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (rep.get("threshold_rule") or {}).items())
+    meta = (rep.get("metadata") or {}).get("features")
+    stacker = f" The stacker also sees the patient metadata: {html.escape(', '.join(meta))}." if meta else ""
     n = rep.get("n", {})
     return (f"<h3>{html.escape(e.name)} <span class='hint'>({html.escape(str(e.path))})</span></h3>"
             f"<p>Members: {', '.join(html.escape(m['label']) for m in rep['members'])}. Combiner "
             f"<b>{html.escape(str(rep['combiner'].get('kind', '?')))}</b>, calibration "
             f"<b>{html.escape(str(rep['calibrator'].get('kind', '?')))}</b>, threshold "
             f"<b>{rep['threshold']:.4f}</b> (chosen on validation: {html.escape(rule)}). Test: {n.get('test', '?'):,} images, "
-            f"{n.get('test_pos', '?'):,} melanomas. 95% CIs by a lesion-grouped bootstrap.</p>"
+            f"{n.get('test_pos', '?'):,} melanomas. 95% CIs by a lesion-grouped bootstrap.{stacker}</p>"
             + _table(pd.DataFrame(rows), sortable=False)
             + f"<p>DeLong test, ensemble vs best single member ({html.escape(rep['best_member']['label'])}, chosen on "
               f"validation): ΔAUC {_fmt(dl.get('diff'))} [{_fmt(dl.get('ci_lo'))}, {_fmt(dl.get('ci_hi'))}], "
