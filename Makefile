@@ -30,4 +30,4 @@ bench: install
 	$(LOOPBACK) $(PY) benchmarks/bench_data.py
 
 clean:
-	rm -rf results/demo results/.cache .pytest_cache
+	rm -rf results/demo results/demo-sweep results/demo-ensembles results/.cache .pytest_cache
