@@ -355,13 +355,16 @@ def _gallery(img: Path, src: Source, trials: pd.DataFrame, index: pd.DataFrame |
         return f"<p>No gallery: {html.escape(note)}.</p>"
     t = src.test.merge(index[["image_id", "path"]], on="image_id", how="left")
     thr = src.threshold
+    def top(rows: pd.DataFrame, k: int, ascending: bool) -> pd.DataFrame:
+        # one image per lesion: HAM10000 photographs a lesion several times, and near-copies teach nothing
+        rows = rows.sort_values("prob", ascending=ascending)
+        return rows.drop_duplicates("lesion_id").head(k) if rows["lesion_id"].notna().all() else rows.head(k)
+
     groups = [
-        ("Most confident false negatives (melanomas scored lowest)",
-         t[(t["label"] == 1) & (t["prob"] < thr)].sort_values("prob").head(n)),
+        ("Most confident false negatives (melanomas scored lowest)", top(t[(t["label"] == 1) & (t["prob"] < thr)], n, True)),
         ("Most confident false positives (benign lesions scored highest)",
-         t[(t["label"] == 0) & (t["prob"] >= thr)].sort_values("prob", ascending=False).head(n)),
-        ("True positives (melanomas scored highest)",
-         t[(t["label"] == 1) & (t["prob"] >= thr)].sort_values("prob", ascending=False).head(max(1, n // 2))),
+         top(t[(t["label"] == 0) & (t["prob"] >= thr)], n, False)),
+        ("True positives (melanomas scored highest)", top(t[(t["label"] == 1) & (t["prob"] >= thr)], max(1, n // 2), False)),
     ]
     shown = pd.concat([g for _, g in groups]).drop_duplicates("image_id")
     shown = shown[shown["path"].notna()]
@@ -370,8 +373,8 @@ def _gallery(img: Path, src: Source, trials: pd.DataFrame, index: pd.DataFrame |
         cams, method_note = _heatmaps(src.explain, trials, shown["path"].tolist(), log)
     names = [m for m in src.explain if m in cams]
     tile = 176
-    out = [f"<p>Ranked by {html.escape(src.name)} on test (threshold {thr:.4f}, chosen on validation). Each row: the "
-           "image, then each model's Grad-CAM heat map for the melanoma logit (red: regions that raised it). "
+    out = [f"<p>Ranked by {html.escape(src.name)} on test (threshold {thr:.4f}, chosen on validation), one image per "
+           "lesion. Each row: the image, then each model's Grad-CAM heat map for the melanoma logit (red: regions that raised it). "
            f"{html.escape(method_note)}</p>"]
     for title, g in groups:
         out.append(f"<h3>{html.escape(title)}</h3>")

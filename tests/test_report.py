@@ -179,13 +179,15 @@ def test_report_numbers_come_from_stored_predictions(report, sweep):
 
 
 def test_gallery_picks_confident_mistakes(report, sweep):
-    """The gallery's false negatives are the test melanomas with the lowest ensemble probability."""
+    """The gallery's false negatives are the test melanomas with the lowest ensemble probability (one
+    image per lesion), its false positives the benign lesions with the highest."""
     _, text = _parse(report[0])
     ens = pd.read_parquet(sweep["ensemble"] / "predictions.parquet")
     thr = json.loads((sweep["ensemble"] / "report.json").read_text())["threshold"]
     t = ens[ens["split"] == "test"]
-    fn = t[(t["label"] == 1) & (t["calibrated_prob"] < thr)].sort_values("calibrated_prob")
-    fp = t[(t["label"] == 0) & (t["calibrated_prob"] >= thr)].sort_values("calibrated_prob", ascending=False)
+    fn = t[(t["label"] == 1) & (t["calibrated_prob"] < thr)].sort_values("calibrated_prob").drop_duplicates("lesion_id")
+    fp = (t[(t["label"] == 0) & (t["calibrated_prob"] >= thr)].sort_values("calibrated_prob", ascending=False)
+          .drop_duplicates("lesion_id"))
     gallery = text[text.index("id='gallery'"):text.index("id='errors'")]
     for df in (fn, fp):
         for img in df["image_id"].head(2):
