@@ -162,8 +162,9 @@ class SweepProgress:
             t.add_column(col, **kw)
         rows = sorted(self.rows.values(), key=lambda r: (r.status in FINAL, -r.seq))
         for r in rows[:self.max_rows]:
-            t.add_row(r.trial_id, r.backbone, r.mode, _hparams(r.hparams), Text(r.status, style=STATUS_STYLE.get(r.status, "")),
-                      self._epoch_text(r) or "-", _fmt(r.latest), _fmt(r.best))
+            t.add_row(r.trial_id, r.backbone, r.mode, _hparams(r.hparams),
+                      Text(r.status, style=STATUS_STYLE.get(r.status, "")), self._epoch_text(r) or "-",
+                      _fmt(r.latest), _fmt(r.best))
         if len(rows) > self.max_rows:
             t.caption = f"+{len(rows) - self.max_rows} earlier trials not shown (all are in trials.parquet)"
         return t

@@ -88,14 +88,16 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
     trial_id = ctx.get_trial_id()
     node = ray.get_runtime_context().get_node_id()
     _maybe_inject_fault(trial_id)
-    torch_threads = max(1, int(recipe.resources.cpus_per_trial))
     import torch
 
-    torch.set_num_threads(torch_threads)
+    # A trial computes with exactly its CPU share (Ray also sets OMP_NUM_THREADS to it); the count in effect
+    # is reported, and recorded in trials.parquet, so a slow trial can be told from a starved one.
+    torch.set_num_threads(max(1, int(recipe.resources.cpus_per_trial)))
+    where = {"node": node, "torch_threads": torch.get_num_threads()}
 
     def report_epoch(m: dict[str, Any]) -> None:
         tune.report({k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                    | {EPOCH_KEY: m["epoch"], "node": node})
+                    | {EPOCH_KEY: m["epoch"]} | where)
 
     work = Path(tempfile.mkdtemp(prefix=f"skinsweep-{trial_id}-"))
     try:
@@ -108,7 +110,7 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
         final[metric] = res.val.get(metric.removeprefix("val_"), float("nan")) if res.val else float("nan")
         if final[metric] is None or (isinstance(final[metric], float) and math.isnan(final[metric])):
             final[metric] = float("-inf") if mode == "max" else float("inf")
-        tune.report(final | {FINAL_KEY: 1, "status_code": 0 if res.status == "completed" else 1, "node": node},
+        tune.report(final | {FINAL_KEY: 1, "status_code": 0 if res.status == "completed" else 1} | where,
                     checkpoint=tune.Checkpoint.from_directory(str(work / "trial")))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -258,8 +260,8 @@ def consolidate_trial(store, recipe, trial, split_file: str, remote: Remote | No
     """
     result = trial.last_result or {}
     params = _trial_params(recipe, trial.config)
-    base_extra = {"node": result.get("node"), "recipe_hash": recipe.hash,
-                  **recipe.resources_for(params)}
+    base_extra = {"node": result.get("node"), "torch_threads": result.get("torch_threads"),
+                  "recipe_hash": recipe.hash, **recipe.resources_for(params)}
     if result.get(FINAL_KEY) and trial.checkpoint is not None:
         return _add_from_checkpoint(store, trial.trial_id, trial.checkpoint,
                                     base_extra | {"attempts": trial.num_failures + 1}, remote)
@@ -507,7 +509,8 @@ def _reconcile(store, recipe, result, known, remote: Remote | None = None) -> No
     if metrics.get(FINAL_KEY) and result.checkpoint is not None:
         params = _trial_params(recipe, result.config)
         _add_from_checkpoint(store, trial_id, result.checkpoint,
-                             {"node": metrics.get("node"), "recipe_hash": recipe.hash,
+                             {"node": metrics.get("node"), "torch_threads": metrics.get("torch_threads"),
+                              "recipe_hash": recipe.hash,
                               **recipe.resources_for(params)} | extra, remote)
 
 

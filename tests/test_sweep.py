@@ -196,6 +196,7 @@ def test_two_node_cluster(data, tmp_path):
     (["--address", "127.0.0.1:1"], "cannot join Ray cluster at 127.0.0.1:1"),
     (["--resume"], "is not an interrupted skinsweep sweep"),
     (["--set", "storage=/proc/nope"], "not writable"),
+    (["--results-dir", "/tmp/elsewhere"], "--results-dir /tmp/elsewhere: only for object-store storage"),
 ])
 def test_sweep_bad_input(data, tmp_path, args, message):
     needs_loopback()
