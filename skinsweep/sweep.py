@@ -599,7 +599,10 @@ def _connect(address: str | None) -> None:
                     if "auth" in msg.lower() else f"check that `ray start --head` is running on {host} and reachable")
             raise ConfigError(f"cannot join Ray cluster at {address}: {msg[:200]}; {hint}") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+        # address="local": a new instance even when `ray start` registered another cluster on this machine
+        # (ray.init() would try to join that one, and fail because num_cpus is given)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True,
                  logging_level=logging.WARNING,  # Ray's INFO lines would break up the progress view
                  _node_ip_address="127.0.0.1" if _loopback_only() else None)
 
