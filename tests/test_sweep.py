@@ -85,6 +85,7 @@ def test_sweep_end_to_end(data, tmp_path):
     # the reference points ran first, exactly as given
     assert ((t["backbone"] == "tiny_resnet") & (t["mode"] == "finetune") & (t["lr"] == 1e-3)).any()
     assert set(t["status"]) <= {"completed", "pruned", "diverged", "failed"}
+    assert (t["torch_threads"] == 1).all()  # each trial computed with its cpus_per_trial threads, no more
     assert (t["status"] == "pruned").sum() >= 1, t[["trial_id", "status", "val_auc"]]
     done = t[t["status"] == "completed"]
     # predictions: one row per image x completed trial x split, readable in one call
