@@ -262,14 +262,16 @@ def sweep(
     address: Optional[str] = typer.Option(None, "--address", help="Join a Ray cluster (default: RAY_ADDRESS, else a local Ray)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep without repeating finished trials."),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set search.num_samples=50 (repeatable)."),
+    results_dir: Optional[Path] = typer.Option(None, "--results-dir", help="With s3:// storage: the local copy of the results store (default results/<name>), mirrored to <storage>/<name>/."),
 ) -> None:
     """Run a hyperparameter sweep with Ray Tune + Optuna (+ ASHA early stopping); results go to Parquet."""
     from skinsweep.results import show
     from skinsweep.sweep import run_sweep
 
-    outcome = run_sweep(recipe, overrides=set_, address=address, resume=resume, console=out)
+    outcome = run_sweep(recipe, overrides=set_, address=address, resume=resume, console=out, results_dir=results_dir)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.counts.items()))
-    out.print(f"sweep finished in {outcome.wall_s / 60:.1f} min: {outcome.n_trials} trials ({counts}) → {outcome.out_dir}")
+    out.print(f"sweep finished in {outcome.wall_s / 60:.1f} min: {outcome.n_trials} trials ({counts}) → {outcome.out_dir}"
+              + (f" (mirrored to {outcome.storage_uri})" if outcome.storage_uri else ""))
     _print_frame(show(outcome.out_dir, top=10), title="best trials by val AUC (test scored once, at the selected epoch)")
     out.print(f"query them: skinsweep results show {outcome.out_dir} --where \"mode = 'finetune'\"  |  "
               f"pandas.read_parquet('{outcome.out_dir}/predictions')")

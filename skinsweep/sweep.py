@@ -11,10 +11,14 @@ Flow of one sweep (``run_sweep``):
 2. Tune runs ``_trainable`` for each sampled configuration: it calls :func:`skinsweep.trial.run_trial`
    (the same code as ``skinsweep train``), reports validation metrics once per epoch (ASHA acts on
    them), and hands its artefact folder back as a Ray checkpoint — Ray copies it to ``storage`` (a
-   local path, NFS or ``s3://``), so nothing the driver needs lives only on a worker's disk;
-3. as each trial ends, :class:`_Consolidate` (a Tune callback in the driver) fetches the checkpoint
-   and adds the trial to the Parquet results store (``trials.parquet``, ``predictions/``), so results
-   are queryable while the sweep runs; pruned and failed trials get rows too;
+   local path, NFS or an object store such as ``s3://``), so nothing the driver needs lives only on a
+   worker's disk;
+3. as each trial starts, reports and ends, :class:`_Events` (a Tune callback) tells the driver's
+   :class:`_Driver`, which draws the progress view (:mod:`skinsweep.progress`) and, when a trial ends,
+   fetches its checkpoint and adds it to the Parquet results store (``trials.parquet``, ``predictions/``),
+   so results are queryable while the sweep runs; pruned and failed trials get rows too. With an object
+   store, the store is a local working copy (``results_dir``) mirrored to ``<storage>/<name>/`` after
+   every trial (:mod:`skinsweep.storage`);
 4. at the end, a reconciliation pass makes sure every finished trial is in the store (a driver killed
    between a trial's end and its consolidation loses nothing on ``--resume``).
 """
@@ -22,10 +26,10 @@ Flow of one sweep (``run_sweep``):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from typing import Any
 from ray import tune  # the only module that imports Ray
 
 from skinsweep.errors import ConfigError
+from skinsweep.storage import CHECKPOINTS_DIR, Remote
 
 FINAL_KEY = "skinsweep_final"  # set only in a trial's last report (with its checkpoint)
 EPOCH_KEY = "epoch"            # ASHA's time attribute; absent from the final report so ASHA ignores it
@@ -44,18 +49,24 @@ POINT_KEY = "params"           # Tune config key holding one `trials:` entry (ex
 
 @dataclass
 class SweepOutcome:
-    out_dir: str
+    out_dir: str                    # the (local) results store: trials.parquet, predictions/
     n_trials: int
     counts: dict[str, int]
     wall_s: float
+    storage_uri: str | None = None  # where the store is mirrored, for object-store storage
 
 
 # --------------------------------------------------------------------------------------------------
 # The trainable (runs on a worker)
 # --------------------------------------------------------------------------------------------------
 
-def _trainable(params: dict, recipe_json: str, split_file: str) -> None:
-    """Ray Tune function trainable: one trial, reported per epoch, artefacts returned as a checkpoint."""
+def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tuple | None = None) -> None:
+    """Ray Tune function trainable: one trial, reported per epoch, artefacts returned as a checkpoint.
+
+    ``split_remote``: ``(filesystem, path)`` of the split manifest in object-store storage; the trial then
+    reads it from there (through this node's cache, ``split_file`` names the cached copy) rather than from
+    the driver's disk, which another node cannot see.
+    """
     import ray
     from ray import tune
 
@@ -63,20 +74,30 @@ def _trainable(params: dict, recipe_json: str, split_file: str) -> None:
     from skinsweep.trial import run_trial
 
     recipe = SweepRecipe.model_validate_json(recipe_json)
+    if split_remote is not None:
+        from skinsweep.paths import cache_dir
+        from skinsweep.storage import fetch
+
+        local_split = cache_dir() / "splits" / split_file
+        if not local_split.is_file():
+            fetch(*split_remote, local_split)
+        split_file = str(local_split)
     values = _trial_params(recipe, params)
     cfg = recipe.trial_config(values, split=split_file)
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     node = ray.get_runtime_context().get_node_id()
     _maybe_inject_fault(trial_id)
-    torch_threads = max(1, int(recipe.resources.cpus_per_trial))
     import torch
 
-    torch.set_num_threads(torch_threads)
+    # A trial computes with exactly its CPU share (Ray also sets OMP_NUM_THREADS to it); the count in effect
+    # is reported, and recorded in trials.parquet, so a slow trial can be told from a starved one.
+    torch.set_num_threads(max(1, int(recipe.resources.cpus_per_trial)))
+    where = {"node": node, "torch_threads": torch.get_num_threads()}
 
     def report_epoch(m: dict[str, Any]) -> None:
         tune.report({k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                    | {EPOCH_KEY: m["epoch"], "node": node})
+                    | {EPOCH_KEY: m["epoch"]} | where)
 
     work = Path(tempfile.mkdtemp(prefix=f"skinsweep-{trial_id}-"))
     try:
@@ -89,7 +110,7 @@ def _trainable(params: dict, recipe_json: str, split_file: str) -> None:
         final[metric] = res.val.get(metric.removeprefix("val_"), float("nan")) if res.val else float("nan")
         if final[metric] is None or (isinstance(final[metric], float) and math.isnan(final[metric])):
             final[metric] = float("-inf") if mode == "max" else float("inf")
-        tune.report(final | {FINAL_KEY: 1, "status_code": 0 if res.status == "completed" else 1, "node": node},
+        tune.report(final | {FINAL_KEY: 1, "status_code": 0 if res.status == "completed" else 1} | where,
                     checkpoint=tune.Checkpoint.from_directory(str(work / "trial")))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -115,74 +136,142 @@ def _maybe_inject_fault(trial_id: str) -> None:
 # Driver side: consolidation into the results store
 # --------------------------------------------------------------------------------------------------
 
-class _Consolidate(tune.Callback):
-    """Adds each trial to the results store as it ends (completed, diverged, pruned or failed).
+_ACTIVE: list["_Driver"] = []  # the driver side of the sweep running in this process (see _Events)
 
-    Tune pickles its callbacks with the experiment state, so only plain values are kept; the store,
-    recipe and console are re-made lazily (also after a restore).
+
+class _Events(tune.Callback):
+    """Forwards Tune's trial events to the driver side of the sweep running in this process.
+
+    Tune pickles its callbacks into the experiment state and, on ``--resume``, runs the restored copies. So
+    this one holds nothing (no paths, no console): the results folder, storage and console of *this* run
+    live in the :class:`_Driver` that :func:`run_sweep` registers while ``Tuner.fit`` runs.
     """
 
-    def __init__(self, out_dir: str, recipe_json: str, split_file: str) -> None:
-        self.out_dir, self.recipe_json, self.split_file = out_dir, recipe_json, split_file
-        self._live = None
-        self._history: dict[str, list[dict]] = {}
-
-    def __getstate__(self):
-        return dict(self.__dict__, _live=None)
-
-    def _parts(self):
-        if self._live is None:
-            from rich.console import Console
-
-            from skinsweep.recipe import SweepRecipe
-            from skinsweep.results import ResultsStore
-
-            self._live = (ResultsStore(self.out_dir), SweepRecipe.model_validate_json(self.recipe_json),
-                          Console(width=None if sys.stdout.isatty() else 120))
-        return self._live
+    def on_trial_start(self, iteration, trials, trial, **info):
+        _driver().started(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        # per-epoch records, kept for trials that end without a checkpoint (pruned): their curves
-        if EPOCH_KEY in result and not result.get(FINAL_KEY):
-            rec = {k: v for k, v in result.items() if k == "epoch" or k.startswith(("train_", "val_"))}
-            self._history.setdefault(trial.trial_id, []).append(rec)
+        _driver().result(trial, result)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        _driver().recovering(trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._record(trials, trial)
+        _driver().finished(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._record(trials, trial)
+        _driver().finished(trial)
 
-    def _record(self, trials, trial) -> None:
-        store, rec, con = self._parts()
-        consolidate_trial(store, rec, trial, self.split_file,
-                          history=self._history.pop(trial.trial_id, None))
-        df = store.trials()
+
+def _driver() -> "_Driver":
+    if not _ACTIVE:
+        raise RuntimeError("skinsweep sweep callback called outside run_sweep")
+    return _ACTIVE[-1]
+
+
+class _Driver:
+    """The driver side of one sweep run: progress view, consolidation into the store, mirroring.
+
+    Args:
+        store: the (local) results store.
+        recipe: the sweep recipe.
+        split_file: the split manifest on the driver (recorded in pruned / failed trials' configs).
+        progress: the progress view (:class:`skinsweep.progress.SweepProgress`).
+        remote: object-store storage to mirror the store to after each trial, or None.
+    """
+
+    def __init__(self, store, recipe, split_file: str, progress, remote: Remote | None = None) -> None:
+        self.store, self.recipe, self.split_file = store, recipe, split_file
+        self.progress, self.remote = progress, remote
+        self.metric = recipe.scheduler.metric
+        self.mirror_error: str | None = None
+        self.history: dict[str, list[dict]] = {}  # per-epoch results, stored for trials pruned by ASHA
+
+    def __enter__(self) -> "_Driver":
+        """Receive the Tune events of this process (see :class:`_Events`) until the block ends."""
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
+
+    def _describe(self, params: dict) -> tuple[str, str, dict, int]:
+        cfg = self.recipe.trial_config(params, split=self.split_file)
+        hparams = {k: v for k, v in params.items() if k not in ("backbone", "mode")}
+        return cfg.backbone, cfg.mode, hparams, cfg.epochs
+
+    def preload(self) -> None:
+        """Show the trials already in the store (``--resume``) as finished rows."""
+        df = self.store.trials()
+        names = [k for k in (self.recipe.search.space if self.recipe.search else
+                             {k: 0 for p in self.recipe.trials for k in p}) if k not in ("backbone", "mode")]
+        for _, row in df.iterrows():
+            hp = {k: row[k] for k in names if k in row.index and row[k] is not None and row[k] == row[k]}
+            self.progress.add_finished(row["trial_id"], row.get("backbone"), row.get("mode"), hp, row["status"],
+                                       row.get(self.metric), epoch=row.get("epochs_run"))
+
+    def started(self, trial) -> None:
+        backbone, mode, hparams, epochs = self._describe(_trial_params(self.recipe, trial.config))
+        self.progress.started(trial.trial_id, backbone, mode, hparams, epochs)
+
+    def result(self, trial, result: dict) -> None:
+        if EPOCH_KEY in result and not result.get(FINAL_KEY):
+            self.progress.epoch(trial.trial_id, result[EPOCH_KEY], result.get(self.metric))
+            rec = {k: v for k, v in result.items() if k == "epoch" or k.startswith(("train_", "val_"))}
+            self.history.setdefault(trial.trial_id, []).append(rec)
+
+    def recovering(self, trial) -> None:
+        self.progress.retrying(trial.trial_id, trial.num_failures + 1, _last_error(trial))
+
+    def finished(self, trial) -> None:
+        status = consolidate_trial(self.store, self.recipe, trial, self.split_file, remote=self.remote,
+                                   history=self.history.pop(trial.trial_id, None))
+        df = self.store.trials()
         row = df[df["trial_id"] == trial.trial_id]
-        status = row["status"].iloc[0] if len(row) else "?"
-        auc = row["val_auc"].iloc[0] if len(row) else float("nan")
-        comp = df[df["status"] == "completed"]
-        best = ""
-        if len(comp) and comp["val_auc"].notna().any():
-            b = comp.loc[comp["val_auc"].idxmax()]
-            best = f"; best so far {b['trial_id']} ({b['backbone']}, {b['mode']}) val AUC {b['val_auc']:.3f}"
-        counts = df["status"].value_counts().to_dict()
-        running = sum(t.status == "RUNNING" for t in trials)
-        con.print(f"[{len(df)}/{rec.num_samples}] {trial.trial_id} {status}"
-                  f"{'' if auc != auc else f' val AUC {auc:.3f}'} — "
-                  + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-                  + f", running {running}{best}", highlight=False, markup=False)
+        value = row[self.metric].iloc[0] if len(row) and self.metric in row else None
+        self.sync()
+        self.progress.finished(trial.trial_id, status, value)
+
+    def sync(self, *, final: bool = False) -> None:
+        """Mirror the store to object-store storage. During the sweep a failure is a warning (the next
+        mirror catches up: it copies whatever changed); at the end it is an error."""
+        if self.remote is None:
+            return
+        import pyarrow as pa
+
+        from skinsweep.storage import mirror
+
+        try:
+            mirror(self.store.root, self.remote)
+            self.mirror_error = None
+        except (OSError, pa.ArrowException) as e:
+            msg = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
+            if final:
+                raise ConfigError(f"could not copy the results store {self.store.root} to {self.remote.uri} ({msg}); "
+                                  "check the bucket, credentials and endpoint (AWS_ENDPOINT_URL), then run the "
+                                  "same command again (with --resume once trials have run)") from None
+            if self.mirror_error != msg:
+                self.progress.console.print(f"[yellow]warning[/]: could not copy results to {self.remote.uri} "
+                                            f"({msg}); retrying after the next trial", highlight=False)
+            self.mirror_error = msg
 
 
-def consolidate_trial(store, recipe, trial, split_file: str, history: list[dict] | None = None) -> str:
-    """Put one finished Tune trial into the store; returns the status recorded. ``history``: the
-    per-epoch results Tune saw, stored for a pruned trial (a completed one has its own in summary.json)."""
+def consolidate_trial(store, recipe, trial, split_file: str, remote: Remote | None = None,
+                      history: list[dict] | None = None) -> str:
+    """Put one finished Tune trial into the store; returns the status recorded.
+
+    ``remote``: the sweep's object-store folder when ``storage`` is one (the trial's checkpoint is then
+    copied into the store's ``checkpoints/``, so that bundles can be built from the local store).
+    ``history``: the per-epoch results Tune saw, stored for a pruned trial (a completed one has its own
+    in summary.json).
+    """
     result = trial.last_result or {}
     params = _trial_params(recipe, trial.config)
-    base_extra = {"node": result.get("node"), "recipe_hash": recipe.hash,
-                  **recipe.resources_for(params)}
+    base_extra = {"node": result.get("node"), "torch_threads": result.get("torch_threads"),
+                  "recipe_hash": recipe.hash, **recipe.resources_for(params)}
     if result.get(FINAL_KEY) and trial.checkpoint is not None:
-        return _add_from_checkpoint(store, trial.checkpoint, base_extra | {"attempts": trial.num_failures + 1})
+        return _add_from_checkpoint(store, trial.trial_id, trial.checkpoint,
+                                    base_extra | {"attempts": trial.num_failures + 1}, remote)
     if trial.status == "ERROR" or trial.error_file:
         err = _last_error(trial)
         cfg = recipe.trial_config(params, split=split_file).model_dump()
@@ -227,40 +316,65 @@ def run_sweep(
     address: str | None = None,
     resume: bool = False,
     console=None,
+    results_dir: str | Path | None = None,
 ) -> SweepOutcome:
     """Run (or ``resume``) the sweep described by ``recipe_path``; returns counts and where results are.
 
     ``address`` (or ``RAY_ADDRESS``) joins an existing Ray cluster; otherwise a local Ray instance sized
     to this machine is started and stopped.
+
+    ``results_dir`` (object-store ``storage`` only): the local working copy of the results store, default
+    ``results/<name>``; it is mirrored to ``<storage>/<name>/``. With a local / NFS ``storage`` the store is
+    ``<storage>/<name>`` itself.
     """
     from rich.console import Console
 
     from skinsweep.data.index import load_index
     from skinsweep.data.split import SplitManifest, make_split
+    from skinsweep.progress import SweepProgress
     from skinsweep.recipe import load_recipe
     from skinsweep.results import ResultsStore
+    from skinsweep.storage import check_writable, pull, remote_sweep
 
     console = console or Console()
     t0 = time.perf_counter()
     recipe = load_recipe(recipe_path, overrides)
-    out_dir = Path(recipe.out_dir)
-    if str(recipe.storage).startswith(("s3://", "gs://")):
-        raise ConfigError(f"{recipe_path}: storage {recipe.storage!r} — object stores are not supported by the "
-                          "Parquet results store yet; use a local or shared (NFS) path")
-    state_exists = (out_dir / "tuner.pkl").exists() or any(out_dir.glob("experiment_state*.json"))
+
+    # ---- where things go: checked before anything runs -----------------------------------------
+    remote = remote_sweep(recipe.storage, recipe.name)  # None for a local / NFS path
+    if remote is None:
+        out_dir = Path(recipe.out_dir)
+        if results_dir is not None and Path(results_dir).resolve() != out_dir.resolve():
+            raise ConfigError(f"--results-dir {results_dir}: only for object-store storage (s3://…); with storage "
+                              f"{recipe.storage} the results are written to {out_dir} (change it with --set storage=…)")
+        state_exists = (out_dir / "tuner.pkl").exists() or any(out_dir.glob("experiment_state*.json"))
+        where = str(out_dir)
+    else:
+        out_dir = Path(results_dir if results_dir is not None else Path("results") / recipe.name).resolve()
+        check_writable(remote)
+        state_exists = remote.exists("tuner.pkl")
+        where = remote.uri
     if resume and not state_exists:
-        raise ConfigError(f"--resume: {out_dir} is not an interrupted skinsweep sweep (no Ray Tune state); "
+        raise ConfigError(f"--resume: {where} is not an interrupted skinsweep sweep (no Ray Tune state); "
                           f"run without --resume to start it")
     if not resume and state_exists:
-        raise ConfigError(f"{out_dir} already holds a sweep named {recipe.name!r}; pass --resume to continue it, "
+        raise ConfigError(f"{where} already holds a sweep named {recipe.name!r}; pass --resume to continue it, "
                           "or --set name=… / --set storage=… to start a new one")
+    if remote is not None and not resume and (out_dir / "trials.parquet").exists():
+        raise ConfigError(f"--results-dir {out_dir} already holds another sweep's results; pass --results-dir DIR "
+                          "(a new folder) or remove it")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"storage {out_dir} is not writable ({e.strerror}); use --set storage=PATH") from None
+        fix = "--results-dir DIR" if remote is not None else "--set storage=PATH"
+        raise ConfigError(f"{'results folder' if remote is not None else 'storage'} {out_dir} is not writable "
+                          f"({e.strerror}); use {fix}") from None
+    if remote is not None and resume and not (out_dir / "trials.parquet").exists():
+        n = pull(remote, out_dir)  # resuming where the local working copy is missing: start from the mirror
+        console.print(f"fetched the results store from {remote.uri} ({n} files) into {out_dir}")
 
     # ---- data and split: once, in the driver; every trial reuses the same manifest -----------
     split_file = out_dir / "split.parquet"
@@ -280,8 +394,12 @@ def run_sweep(
     (out_dir / SWEEP_JSON).write_text(json.dumps({
         "name": recipe.name, "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
         "recipe_file": str(recipe_path), "split_hash": manifest.hash, "dataset": str(recipe.data.root),
-        "dataset_hash": index.hash}, indent=2))
+        "dataset_hash": index.hash, "storage": remote.uri if remote is not None else str(out_dir)}, indent=2))
     store = ResultsStore(out_dir)
+    metric, mode = recipe.scheduler.metric, _metric_mode(recipe)
+    progress = SweepProgress(console, name=recipe.name, total=recipe.num_samples, metric=metric, mode=mode)
+    driver = _Driver(store, recipe, str(split_file.resolve()), progress, remote)
+    driver.sync(final=True)  # the split is in storage before any trial needs it
 
     # ---- Ray --------------------------------------------------------------------------------
     import ray
@@ -291,10 +409,15 @@ def run_sweep(
 
     _connect(address)
     try:
-        trainable = tune.with_parameters(_trainable, recipe_json=recipe.model_dump_json(),
-                                         split_file=str(split_file.resolve()))
+        if remote is None:
+            split_args = {"split_file": str(split_file.resolve())}
+            storage_path, storage_fs, experiment = str(Path(recipe.storage).resolve()), None, str(out_dir.resolve())
+        else:  # trials read the split from storage (another node cannot see the driver's disk)
+            split_args = {"split_file": f"{recipe.name}-{manifest.hash}.parquet",
+                          "split_remote": (remote.fs, remote.join("split.parquet"))}
+            storage_path, storage_fs, experiment = remote.path.rpartition("/")[0], remote.fs, remote.path
+        trainable = tune.with_parameters(_trainable, recipe_json=recipe.model_dump_json(), **split_args)
         trainable = tune.with_resources(trainable, lambda config: _resources(recipe, config))
-        metric, mode = recipe.scheduler.metric, _metric_mode(recipe)
         if recipe.scheduler.type == "asha":
             scheduler = ASHAScheduler(time_attr=EPOCH_KEY, max_t=recipe.scheduler.max_t or _max_epochs(recipe, str(split_file)),
                                       grace_period=recipe.scheduler.grace_period,
@@ -307,9 +430,10 @@ def run_sweep(
         else:  # `trials:` recipe: exactly the listed configurations (a grid over them), no search; Tune's
             searcher = None  # own BasicVariantGenerator then honours max_concurrent_trials
         run_config = tune.RunConfig(
-            name=recipe.name, storage_path=str(Path(recipe.storage).resolve()),
+            name=recipe.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=tune.FailureConfig(max_failures=recipe.retries),
-            callbacks=[_Consolidate(str(out_dir), recipe.model_dump_json(), str(split_file.resolve()))], verbose=0)
+            # our progress view replaces Tune's reporter (verbose=0: no Tune status tables)
+            callbacks=[_Events()], verbose=0)
         param_space = {} if recipe.search else {POINT_KEY: tune.grid_search(recipe.explicit_points())}
         tune_config = tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
                                       num_samples=recipe.num_samples if recipe.search else 1,
@@ -318,22 +442,36 @@ def run_sweep(
                                       # torch/timm) when resources match: saves seconds per trial
                                       reuse_actors=True)
         if resume:
-            console.print(f"resuming sweep {recipe.name} from {out_dir}")
-            tuner = tune.Tuner.restore(str(out_dir.resolve()), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+            console.print(f"resuming sweep {recipe.name} from {where}")
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=storage_fs)
+            driver.preload()
         else:
             tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
         console.print(f"sweep {recipe.name}: {recipe.num_samples} trials, recipe {recipe.hash}, split {manifest.hash} "
-                      f"→ {out_dir}")
+                      f"→ {out_dir}" + (f" (mirrored to {remote.uri})" if remote is not None else ""))
+        # Tune's own output engine prints a configuration box and status tables whatever `verbose` says;
+        # the legacy engine honours verbose=0, so our progress view is the only one on screen.
+        air_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         try:
-            grid = tuner.fit()
+            with driver, progress:
+                grid = tuner.fit()
         except KeyboardInterrupt:
+            driver.sync()
             console.print(f"[yellow]interrupted[/]: finished trials are in {out_dir}/trials.parquet; continue with "
-                          f"`skinsweep sweep {recipe_path} --resume`" + "".join(f" --set {o}" for o in overrides))
+                          f"`skinsweep sweep {recipe_path} --resume`" + "".join(f" --set {o}" for o in overrides)
+                          + (f" --results-dir {out_dir}" if results_dir is not None else ""))
             raise SystemExit(130) from None
+        finally:
+            if air_output is None:
+                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+            else:
+                os.environ["RAY_AIR_NEW_OUTPUT"] = air_output
         # ---- reconciliation: every finished trial is in the store exactly once ----------------
+        known = store.trials().set_index("trial_id")
         for r in grid:
-            _reconcile(store, recipe, r)
+            _reconcile(store, recipe, r, known, remote)
         if resume:
             # A trial that finished (and reached the store) after Tune's last experiment snapshot is unknown
             # to the restored run, which ran a replacement: drop the orphan so the sweep has num_samples trials.
@@ -344,34 +482,75 @@ def run_sweep(
                 console.print(f"dropping {len(orphans)} trial(s) the restored Ray Tune state did not know "
                               f"({', '.join(sorted(orphans))}); their configurations were re-run")
                 store.remove_trials(orphans)
+                for t in orphans:
+                    shutil.rmtree(out_dir / CHECKPOINTS_DIR / t, ignore_errors=True)
+        driver.sync(final=True)
     finally:
         if address is None and not os.environ.get("RAY_ADDRESS"):
             ray.shutdown()
     df = store.trials()
     counts = df["status"].value_counts().to_dict()
-    return SweepOutcome(out_dir=str(out_dir), n_trials=len(df), counts=counts, wall_s=time.perf_counter() - t0)
+    return SweepOutcome(out_dir=str(out_dir), n_trials=len(df), counts=counts, wall_s=time.perf_counter() - t0,
+                        storage_uri=remote.uri if remote is not None else None)
 
 
-def _reconcile(store, recipe, result) -> None:
-    """A finished trial (from Tune's ResultGrid) that the store lacks is added from its checkpoint."""
+def _reconcile(store, recipe, result, known, remote: Remote | None = None) -> None:
+    """A finished trial (from Tune's ResultGrid) that the store lacks is added from its checkpoint; so is a
+    completed one without a checkpoint copy in this store (object-store storage, resumed with another
+    ``results_dir`` or on another machine: the pulled trials.parquet names the old copy).
+
+    ``known``: the store's trials table indexed by ``trial_id``.
+    """
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id")
-    if not trial_id or trial_id in store.trial_ids():
+    if not trial_id:
         return
+    extra = {}
+    if trial_id in known.index:
+        row = known.loc[trial_id]
+        own = store.root / CHECKPOINTS_DIR / trial_id / "checkpoint.safetensors"
+        if remote is None or row["status"] != "completed" or (str(row["checkpoint"]) == str(own) and own.is_file()):
+            return
+        if "attempts" in row.index and row["attempts"] == row["attempts"]:
+            extra["attempts"] = int(row["attempts"])
     if metrics.get(FINAL_KEY) and result.checkpoint is not None:
         params = _trial_params(recipe, result.config)
-        _add_from_checkpoint(store, result.checkpoint, {"node": metrics.get("node"), "recipe_hash": recipe.hash,
-                                                        **recipe.resources_for(params)})
+        _add_from_checkpoint(store, trial_id, result.checkpoint,
+                             {"node": metrics.get("node"), "torch_threads": metrics.get("torch_threads"),
+                              "recipe_hash": recipe.hash,
+                              **recipe.resources_for(params)} | extra, remote)
 
 
-def _add_from_checkpoint(store, ckpt, extra: dict) -> str:
-    """Fetch a finished trial's artefact folder from Ray's storage and add it to the store; its status."""
-    with tempfile.TemporaryDirectory(prefix="skinsweep-consolidate-") as tmp:
-        local = Path(ckpt.to_directory(tmp))
-        summary = json.loads((local / "summary.json").read_text())
-        preds = local / "predictions.parquet"
-        store.add_trial(summary, predictions=preds if preds.is_file() else None,
-                        extra=extra | {"checkpoint": _join(ckpt.path, "checkpoint.safetensors")})
+def _add_from_checkpoint(store, trial_id: str, ckpt, extra: dict, remote: Remote | None = None) -> str:
+    """Fetch a finished trial's artefact folder from Ray's storage and add it to the store; its status.
+
+    With local / NFS storage the ``checkpoint`` column points into Ray's storage. With an object store it
+    points to a local copy in ``<store>/checkpoints/<trial_id>/`` (what a bundle is built from) and
+    ``checkpoint_uri`` says where the original is.
+    """
+    if remote is None:
+        with tempfile.TemporaryDirectory(prefix="skinsweep-consolidate-") as tmp:
+            local = Path(ckpt.to_directory(tmp))
+            summary = json.loads((local / "summary.json").read_text())
+            preds = local / "predictions.parquet"
+            store.add_trial(summary, predictions=preds if preds.is_file() else None,
+                            extra=extra | {"checkpoint": _join(ckpt.path, "checkpoint.safetensors")})
+        return summary["status"]
+    dest = store.root / CHECKPOINTS_DIR / trial_id
+    tmp = dest.with_name(f".{trial_id}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ckpt.to_directory(str(tmp))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)  # a reader sees no checkpoint folder or a whole one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = json.loads((dest / "summary.json").read_text())
+    preds = dest / "predictions.parquet"
+    store.add_trial(summary, predictions=preds if preds.is_file() else None,
+                    extra=extra | {"checkpoint": str(dest / "checkpoint.safetensors"),
+                                   "checkpoint_uri": remote.uri_of(_join(ckpt.path, "checkpoint.safetensors"))})
+    preds.unlink(missing_ok=True)  # now in the store's predictions/
     return summary["status"]
 
 
@@ -420,14 +599,18 @@ def _connect(address: str | None) -> None:
                 raise ConfigError(f"cannot join Ray cluster at {address}: {e.strerror or e}; check that "
                                   f"`ray start --head --port={port}` is running on {host} and reachable") from None
         try:
-            ray.init(address=address, log_to_driver=False, ignore_reinit_error=True)
+            ray.init(address=address, log_to_driver=False, ignore_reinit_error=True, logging_level=logging.WARNING)
         except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ... depending on the cause
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             hint = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (the token is in ~/.ray/auth_token on the head)"
                     if "auth" in msg.lower() else f"check that `ray start --head` is running on {host} and reachable")
             raise ConfigError(f"cannot join Ray cluster at {address}: {msg[:200]}; {hint}") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+        # address="local": a new instance even when `ray start` registered another cluster on this machine
+        # (ray.init() would try to join that one, and fail because num_cpus is given)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True,
+                 logging_level=logging.WARNING,  # Ray's INFO lines would break up the progress view
                  _node_ip_address="127.0.0.1" if _loopback_only() else None)
 
 

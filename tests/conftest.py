@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,28 @@ def real_labels_dir(tmp_path_factory):
                 (img / f"{row['image']}.jpg").touch()
     (root / "HAM10000_metadata.csv").symlink_to(src / "HAM10000_metadata.csv")
     return root
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An S3 server on loopback with an empty bucket ``sweeps``; the AWS_* environment points at it (Ray's
+    workers inherit it). Returns a pyarrow S3FileSystem on it."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+    import urllib.request
+
+    import boto3
+    import pyarrow.fs as pafs
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    # moto keeps its buckets in process-wide state: start every test from an empty server
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"), timeout=10)
+    boto3.client("s3").create_bucket(Bucket="sweeps")
+    yield pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
+                            secret_key="testing", region="us-east-1")
+    server.stop()

@@ -85,6 +85,7 @@ def test_sweep_end_to_end(data, tmp_path):
     # the reference points ran first, exactly as given
     assert ((t["backbone"] == "tiny_resnet") & (t["mode"] == "finetune") & (t["lr"] == 1e-3)).any()
     assert set(t["status"]) <= {"completed", "pruned", "diverged", "failed"}
+    assert (t["torch_threads"] == 1).all()  # each trial computed with its cpus_per_trial threads, no more
     assert (t["status"] == "pruned").sum() >= 1, t[["trial_id", "status", "val_auc"]]
     done = t[t["status"] == "completed"]
     # predictions: one row per image x completed trial x split, readable in one call
@@ -196,6 +197,7 @@ def test_two_node_cluster(data, tmp_path):
     (["--address", "127.0.0.1:1"], "cannot join Ray cluster at 127.0.0.1:1"),
     (["--resume"], "is not an interrupted skinsweep sweep"),
     (["--set", "storage=/proc/nope"], "not writable"),
+    (["--results-dir", "/tmp/elsewhere"], "--results-dir /tmp/elsewhere: only for object-store storage"),
 ])
 def test_sweep_bad_input(data, tmp_path, args, message):
     needs_loopback()
@@ -230,3 +232,137 @@ resources: {{cpus_per_trial: 1, max_concurrent_trials: 2}}
     t = load(run_sweep(recipe).out_dir).trials
     assert sorted(zip(t["backbone"], t["lr"])) == [("tiny_resnet", 1e-3), ("tiny_vit", 2e-3)]
     assert (t["status"] == "completed").all()
+
+
+# ---- progress events: the Tune callback → consolidation + progress view, with made-up trials ----------
+
+def fake_trial(trial_id: str, params: dict, **kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"trial_id": trial_id, "config": {"params": params}, "last_result": {},
+                              "status": "RUNNING", "num_failures": 0, "error_file": None, "checkpoint": None, **kw})
+
+
+def test_tune_events_drive_store_and_progress(data, tmp_path):
+    """Tune's callback hooks, fed fake trials (no Ray started): the store gets the pruned and the failed
+    trial, and the progress view prints one plain line per event."""
+    import io
+
+    from rich.console import Console
+
+    from skinsweep.progress import SweepProgress
+    from skinsweep.recipe import load_recipe
+    from skinsweep.results import ResultsStore
+    from skinsweep.sweep import _Driver, _Events
+
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"""
+name: ev
+storage: {tmp_path / 'res'}
+data: {{root: {data}}}
+trial: {{backbone: tiny_resnet, mode: finetune, epochs: 3}}
+trials: [{{lr: 1.0e-3}}, {{lr: 2.0e-3, backbone: tiny_vit}}]
+""")
+    recipe = load_recipe(recipe_file)
+    buf = io.StringIO()
+    progress = SweepProgress(Console(file=buf, width=300), name="ev", total=2)
+    store = ResultsStore(tmp_path / "res" / "ev")
+    events = _Events()
+    a = fake_trial("ev_00000", {"lr": 1e-3})
+    b = fake_trial("ev_00001", {"lr": 2e-3, "backbone": "tiny_vit"})
+    err = tmp_path / "error.txt"
+    err.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: out of memory\n")
+    with _Driver(store, recipe, str(tmp_path / "split.parquet"), progress), progress:
+        events.on_trial_start(0, [a, b], a)
+        events.on_trial_start(0, [a, b], b)
+        for epoch, auc in ((1, 0.6), (2, 0.55)):
+            a.last_result = {"epoch": epoch, "val_auc": auc, "time_total_s": 2.0 * epoch, "node": "n1"}
+            events.on_trial_result(0, [a, b], a, a.last_result)
+        b.num_failures, b.error_file = 1, str(err)
+        events.on_trial_recover(0, [a, b], b)
+        events.on_trial_complete(0, [a, b], a)  # ended without a final report: ASHA stopped it
+        b.status, b.num_failures = "ERROR", 2
+        events.on_trial_error(0, [a, b], b)
+    t = store.trials().set_index("trial_id")
+    assert t.loc["ev_00000", "status"] == "pruned" and t.loc["ev_00000", "pruned_at_epoch"] == 2
+    assert t.loc["ev_00000", "val_auc"] == pytest.approx(0.55)
+    assert t.loc["ev_00001", "status"] == "failed" and t.loc["ev_00001", "error"] == "RuntimeError: out of memory"
+    assert buf.getvalue().splitlines() == [
+        "[start] ev_00000 tiny_resnet finetune lr=0.001",
+        "[start] ev_00001 tiny_vit finetune lr=0.002",
+        "[retry] ev_00001 crashed, attempt 2 next: RuntimeError: out of memory",
+        "[1/2] ev_00000 PRUNED tiny_resnet finetune lr=0.001 · epoch 2/3 val_auc 0.550 — running 0, retrying 1, "
+        "completed 0, pruned 1",
+        "[2/2] ev_00001 FAILED tiny_vit finetune lr=0.002 — running 0, completed 0, pruned 1, failed 1",
+    ]
+
+
+# ---- object-store storage: a real S3 API (moto's server on 127.0.0.1) ---------------------------------
+
+def test_sweep_on_s3_storage_and_resume_elsewhere(data, tmp_path, s3):
+    """`storage: s3://…`: Tune state, checkpoints and the mirrored store land in the bucket, the local working
+    copy is complete and queryable; --resume on a "machine" without the local copy rebuilds it from S3."""
+    needs_loopback()
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from skinsweep.results import load, query
+    from skinsweep.sweep import run_sweep
+
+    recipe = write_recipe(tmp_path / "r.yaml", name="s3sweep", storage="s3://sweeps/team/runs", data=data, n=3)
+    sets = ["scheduler.type=none", "trial.epochs=1"]
+    local = tmp_path / "local"
+    outcome = run_sweep(recipe, overrides=sets, results_dir=local)
+    assert outcome.out_dir == str(local) and outcome.storage_uri == "s3://sweeps/team/runs/s3sweep"
+
+    # the local working copy: complete, queryable, checkpoints on local disk (what bundles are built from)
+    res = load(local)
+    t = res.trials
+    assert len(t) == 3 and (t["status"] == "completed").all()
+    assert res.predictions.groupby("trial_id").size().nunique() == 1 and set(res.predictions["trial_id"]) == set(t["trial_id"])
+    assert query(local, "SELECT count(DISTINCT trial_id) AS n FROM predictions JOIN trials USING (trial_id)")["n"][0] == 3
+    assert all(Path(c).is_file() and Path(c).with_name("model.json").is_file() for c in t["checkpoint"])
+    assert not list(local.glob("checkpoints/*/predictions.parquet"))  # those went into predictions/
+    assert t["split_file"].str.contains("/splits/").all()  # trials read the split from storage, via the node cache
+
+    # the bucket: Ray Tune's state, every checkpoint, and a copy of the store identical to the local one
+    base = "sweeps/team/runs/s3sweep"
+    keys = {i.path.removeprefix(base + "/") for i in s3.get_file_info(pafs.FileSelector(base, recursive=True))
+            if i.type == pafs.FileType.File}
+    assert {"tuner.pkl", "trials.parquet", "split.parquet", "sweep.json"} <= keys
+    assert {f"predictions/{i}.parquet" for i in t["trial_id"]} == {k for k in keys if k.startswith("predictions/")}
+    assert not [k for k in keys if "write-test" in k or k.endswith(".tmp")]
+    for uri in t["checkpoint_uri"]:
+        assert uri.startswith(f"s3://{base}/") and uri.removeprefix("s3://").removeprefix(base + "/") in keys
+    remote_trials = pq.read_table(f"{base}/trials.parquet", filesystem=s3).to_pandas()
+    pd.testing.assert_frame_equal(remote_trials, t)
+
+    # resume from the URI elsewhere: nothing re-runs, the new working copy is rebuilt from the bucket
+    elsewhere = tmp_path / "elsewhere"
+    again = run_sweep(recipe, overrides=sets, results_dir=elsewhere, resume=True)
+    t2 = load(elsewhere).trials
+    assert again.n_trials == 3 and sorted(t2["trial_id"]) == sorted(t["trial_id"])
+    assert (t2["val_auc"].to_numpy() == t.set_index("trial_id").loc[t2["trial_id"], "val_auc"].to_numpy()).all()
+    assert all(str(c).startswith(str(elsewhere)) and Path(c).is_file() for c in t2["checkpoint"])
+    assert len(load(elsewhere).predictions) == len(res.predictions)
+
+
+@pytest.mark.parametrize("storage, endpoint, message", [
+    ("s3://no-such-bucket/runs", None, "storage s3://no-such-bucket/runs/bad is not writable"),
+    ("s3://sweeps/runs", "http://127.0.0.1:1", "storage s3://sweeps/runs/bad is not writable"),
+])
+def test_bad_s3_storage_fails_before_any_trial(data, tmp_path, s3, monkeypatch, storage, endpoint, message):
+    needs_loopback()
+    import ray
+    from typer.testing import CliRunner
+
+    from skinsweep.cli import app
+
+    if endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # nothing listens there
+    recipe = write_recipe(tmp_path / "r.yaml", name="bad", storage=storage, data=data, n=2)
+    r = CliRunner().invoke(app, ["sweep", str(recipe), "--results-dir", str(tmp_path / "local")])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "AWS_ENDPOINT_URL" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not ray.is_initialized() and not (tmp_path / "local").exists()
