@@ -79,3 +79,19 @@ def test_check_writable(s3):
     assert not files(s3, "sweeps/runs/s")  # the marker object is gone
     with pytest.raises(ConfigError, match=r"storage s3://missing-bucket/runs/s is not writable \(.*\); check the bucket"):
         check_writable(remote_sweep("s3://missing-bucket/runs", "s"))
+
+
+def test_mirror_and_pull_carry_the_per_epoch_history(tmp_path, s3):
+    remote = remote_sweep("s3://sweeps/runs", "h")
+    local = tmp_path / "store"
+    write_store(local, ["t1"])
+    (local / "history").mkdir()
+    pd.DataFrame({"trial_id": ["t1", "t1"], "epoch": [1, 2], "val_auc": [0.6, 0.7]}).to_parquet(
+        local / "history" / "t1.parquet")
+    assert mirror(local, remote) == 4
+    assert "history/t1.parquet" in files(s3, remote.path)
+    assert pull(remote, tmp_path / "other") == 4
+    assert pd.read_parquet(tmp_path / "other" / "history" / "t1.parquet")["val_auc"].tolist() == [0.6, 0.7]
+    (local / "history" / "t1.parquet").unlink()  # the trial's history went away locally: and remotely
+    mirror(local, remote)
+    assert "history/t1.parquet" not in files(s3, remote.path)
