@@ -96,6 +96,11 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
     where = {"node": node, "torch_threads": torch.get_num_threads()}
 
     def report_epoch(m: dict[str, Any]) -> None:
+        if m["epoch"] >= cfg.epochs:
+            # The last epoch is not a rung result: ASHA (stop_last_trials=False) still has a rung at max_t and
+            # would stop a trial that has already trained in full, before its final report sends the
+            # predictions and checkpoint. The final report right after carries the selected epoch's metrics.
+            return
         tune.report({k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                     | {EPOCH_KEY: m["epoch"]} | where)
 
