@@ -144,7 +144,7 @@ def test_resume_after_driver_killed(data, tmp_path):
             try:
                 if (out / "trials.parquet").exists() and 2 <= len(pd.read_parquet(out / "trials.parquet")) < 6:
                     break
-            except OSError:  # pyarrow opens the file more than once; a rename in between fails the read: poll again
+            except OSError:  # seen once: a read racing the sweep's atomic rename of the file failed; poll again
                 pass
             time.sleep(0.5)
         else:
