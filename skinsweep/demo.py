@@ -1,6 +1,6 @@
 """``make demo``: the whole product, end to end, on a laptop CPU, on synthetic lesions.
 
-    python -m skinsweep.demo [--root results] [--n 4000] [--epochs 8] [--num-samples 10]
+    python -m skinsweep.demo [--root results] [--n 4000] [--epochs 10] [--num-samples 10]
 
 Steps: synthesise lesions (ISIC 2018 layout) → index + lesion-grouped split → inspect → one trial
 (``skinsweep train``) → a sweep (``sweeps/demo.yaml``: Ray Tune + Optuna + ASHA, tiny backbones, both
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", type=Path, default=Path("results"), help="where everything is written")
     ap.add_argument("--n", type=int, default=4000, help="synthetic images")
     ap.add_argument("--size", default="200x150", help="synthetic image size WxH (the release is 600x450)")
-    ap.add_argument("--epochs", type=int, default=8, help="epochs per sweep trial")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs per sweep trial")
     ap.add_argument("--num-samples", type=int, default=10, help="sweep trials")
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the ensemble reports")
     args = ap.parse_args(argv)
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         step(f"5. a sweep: Ray Tune + Optuna + ASHA, {args.num_samples} trials over tiny backbones, both modes",
              "sweep", "sweeps/demo.yaml", "--set", f"data.root={data}", "--set", f"storage={root}",
              "--set", "name=demo-sweep", "--set", f"trial.epochs={args.epochs}",
+             "--set", f"scheduler.grace_period={max(1, args.epochs * 3 // 5)}",  # the ASHA rung at 60% of training
              "--set", f"search.num_samples={args.num_samples}")
         step("6. query the results store (DuckDB over Parquet)", "results", "query", str(sweep_dir),
              "SELECT backbone, mode, count(*) AS trials, count(*) FILTER (status = 'completed') AS completed, "

@@ -113,12 +113,15 @@ class SweepProgress:
         self._touch(row)
         self._emit(f"[retry] {row.trial_id} crashed, attempt {row.attempt} next" + (f": {error}" if error else ""))
 
-    def finished(self, trial_id: str, status: str, value: float | None = None) -> None:
-        """A trial ended; ``status`` is what the results store recorded (completed, pruned, diverged, failed)."""
+    def finished(self, trial_id: str, status: str, value: float | None = None, epoch: int | None = None) -> None:
+        """A trial ended; ``status`` is what the results store recorded (completed, pruned, diverged, failed),
+        ``epoch`` the epochs it ran (a trial's last epoch comes only with its final report)."""
         row = self.rows.get(trial_id)
         if row is None:  # ended without a start event this session (restored by --resume)
             row = self.rows[trial_id] = TrialRow(trial_id, "?", "?", {})
         row.status, row.final = status.upper(), _num(value)
+        if epoch is not None and epoch == epoch:
+            row.epoch = int(epoch)
         if row.final is not None and row.status != "FAILED" and (row.best is None or self._better(row.final, row.best)):
             row.best = row.final
         self._touch(row)

@@ -234,8 +234,10 @@ class _Driver:
         df = self.store.trials()
         row = df[df["trial_id"] == trial.trial_id]
         value = row[self.metric].iloc[0] if len(row) and self.metric in row else None
+        epochs = row["epochs_run"].iloc[0] if len(row) else None
         self.sync()
-        self.progress.finished(trial.trial_id, status, value)
+        self.progress.finished(trial.trial_id, status, value,
+                               epoch=None if epochs is None or epochs != epochs else int(epochs))
 
     def sync(self, *, final: bool = False) -> None:
         """Mirror the store to object-store storage. During the sweep a failure is a warning (the next

@@ -392,7 +392,7 @@ def test_ray_optuna_search_uses_the_space():
         configs.append(r.trial_config(r.params_from_optuna(config)))
         searcher.on_trial_complete(f"t{i}", {r.scheduler.metric: 0.5 + i / 100})
     expected = [r.trial_config(r.params_from_optuna(p)) for p in r.optuna_points()]
-    assert len(expected) == 3 and configs[:len(expected)] == expected
+    assert len(expected) == 4 and configs[:len(expected)] == expected
     assert all(c.backbone_args.get("input_size") in (32, 48) for c in configs)
 
 
