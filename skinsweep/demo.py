@@ -138,7 +138,9 @@ def _summary(sweep_dir: Path, ens_root: Path, wall: float) -> None:
     for name in ("dino_clip", "best"):
         rep = json.loads((ens_root / name / "report.json").read_text())
         best_label = rep["best_member"]["label"]
-        for model, label in (("ensemble", "ensemble"), (best_label, f"best member {best_label}")):
+        backbone, _, trial_id = best_label.rpartition("/")
+        for model, label in (("ensemble", f"ensemble of {len(rep['members'])}"),
+                             (best_label, f"best: {trial_id} ({backbone.split('/')[0]})")):
             m = rep["test"][model]
             te.add_row(name if model == "ensemble" else "", label, *(_ci(m[k]) for k in ("auc", "ap", "ece")),
                        f"{rep['delong_vs_best']['p_value']:.3g}" if model == "ensemble" else "")

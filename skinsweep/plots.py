@@ -93,11 +93,13 @@ def _label(metric: str) -> str:
     return metric.replace("_auc", " AUC").replace("_ap", " AP").replace("_", " ")
 
 
-def _plain_log_ticks(axis) -> None:
-    """Log axis with plain numbers (0.001, 3, 10) instead of 3x10^0 labels that collide."""
+def _plain_log_ticks(axis, lo: float, hi: float) -> None:
+    """Log axis with plain numbers (0.001, 3, 10) instead of 3x10^0 labels that collide; 1-2-5 ticks
+    within about a decade, powers of ten beyond."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    decades = np.log10(hi / lo) if lo > 0 and hi > 0 else 0
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 1.3 else (1.0,)))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -148,7 +150,7 @@ def hparam_plots(out: Path, trials, colors: dict, metric: str = "val_auc") -> st
                 ax.scatter(g[p], g[metric], marker=_MODE_MARKER.get(mode, "s"), s=32,
                            facecolors=colors[str(bb)] if status == "completed" else "none", edgecolors=colors[str(bb)])
         ax.set_xscale("log")
-        _plain_log_ticks(ax.xaxis)
+        _plain_log_ticks(ax.xaxis, float(t[p].min()), float(t[p].max()))
         ax.set(xlabel=p.replace("_", " "), title=f"{_label(metric)} vs {p.replace('_', ' ')}")
     axes[0][0].set_ylabel(_label(metric))
     from matplotlib.lines import Line2D

@@ -379,7 +379,7 @@ def _gallery(img: Path, src: Source, trials: pd.DataFrame, index: pd.DataFrame |
     for title, g in groups:
         out.append(f"<h3>{html.escape(title)}</h3>")
         if g.empty:
-            out.append("<p class='hint'>none on test.</p>")
+            out.append("<p class='hint'>none on test at this threshold.</p>")
             continue
         for _, r in g.iterrows():
             if not isinstance(r["path"], str):
@@ -493,6 +493,8 @@ def _fmt(v) -> str:
         return "—"
     if isinstance(v, (float, np.floating)):
         v = float(v)
+        if v.is_integer() and abs(v) < 1e5:  # counts and epochs of a column that also holds nulls
+            return f"{int(v)}"
         if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
             return f"{v:.2e}"
         return f"{v:.4f}".rstrip("0").rstrip(".") if abs(v) < 10 else f"{v:,.1f}"
