@@ -138,9 +138,8 @@ def _summary(sweep_dir: Path, ens_root: Path, wall: float) -> None:
     for name in ("dino_clip", "best"):
         rep = json.loads((ens_root / name / "report.json").read_text())
         best_label = rep["best_member"]["label"]
-        backbone, _, trial_id = best_label.rpartition("/")
         for model, label in (("ensemble", f"ensemble of {len(rep['members'])}"),
-                             (best_label, f"best: {trial_id} ({backbone.split('/')[0]})")):
+                             (best_label, f"best member {rep['best_member']['trial_id']}")):
             m = rep["test"][model]
             te.add_row(name if model == "ensemble" else "", label, *(_ci(m[k]) for k in ("auc", "ap", "ece")),
                        f"{rep['delong_vs_best']['p_value']:.3g}" if model == "ensemble" else "")
