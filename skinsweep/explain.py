@@ -68,11 +68,10 @@ def gradcam(model, meta: dict, images: Sequence[str | Path], *, batch_size: int 
     melanoma logit (positive class), whatever the model predicted.
     """
     import torch
-    from PIL import Image
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
-    from skinsweep.data.cache import decode_resize
+    from skinsweep.data.cache import resize_like_cache
     from skinsweep.data.index import read_rgb
     from skinsweep.data.transforms import DataConfig, eval_transform
 
@@ -84,18 +83,18 @@ def gradcam(model, meta: dict, images: Sequence[str | Path], *, batch_size: int 
     maps: list[np.ndarray] = []
     with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         for s in range(0, len(images), batch_size):
-            chunk = list(images[s:s + batch_size])
-            x = transform(torch.from_numpy(np.stack([decode_resize(p, size, policy) for p in chunk])))
-            small = cam(input_tensor=x, targets=[BinaryClassifierOutputTarget(1)] * len(chunk))  # (B, S, S)
-            for p, m in zip(chunk, small):
-                with read_rgb(p) as im:
-                    w, h = im.size
-                maps.append(_to_original(np.asarray(m, dtype=np.float32), w, h, policy, Image))
+            decoded = [read_rgb(p) for p in images[s:s + batch_size]]  # once: for the model and for the size
+            x = transform(torch.from_numpy(np.stack([resize_like_cache(im, size, policy) for im in decoded])))
+            small = cam(input_tensor=x, targets=[BinaryClassifierOutputTarget(1)] * len(decoded))  # (B, S, S)
+            for im, m in zip(decoded, small):
+                maps.append(_to_original(np.asarray(m, dtype=np.float32), im.width, im.height, policy))
     return maps
 
 
-def _to_original(m: np.ndarray, w: int, h: int, policy: str, Image) -> np.ndarray:
+def _to_original(m: np.ndarray, w: int, h: int, policy: str) -> np.ndarray:
     """Map a square model-input heat map back onto the (w x h) original image."""
+    from PIL import Image
+
     if policy == "center-crop":
         s = min(w, h)
         left, top = (w - s) // 2, (h - s) // 2

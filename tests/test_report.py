@@ -226,7 +226,7 @@ def test_center_crop_maps_land_on_the_crop():
     from skinsweep.explain import _to_original
 
     m = np.ones((8, 8), np.float32)
-    out = _to_original(m, 40, 20, "center-crop", Image)
+    out = _to_original(m, 40, 20, "center-crop")
     assert out.shape == (20, 40)
     assert out[:, :10].max() == 0 and out[:, 30:].max() == 0 and out[:, 10:30].min() > 0.99
 

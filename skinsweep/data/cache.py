@@ -46,7 +46,11 @@ DEFAULT_POLICY = "squash"
 
 def decode_resize(path: str | Path, size: int, policy: str = DEFAULT_POLICY) -> np.ndarray:
     """Decode one image and resize it as the cache does. Returns uint8 (size, size, 3)."""
-    im = read_rgb(path)
+    return resize_like_cache(read_rgb(path), size, policy)
+
+
+def resize_like_cache(im: Image.Image, size: int, policy: str = DEFAULT_POLICY) -> np.ndarray:
+    """An already decoded RGB image, cropped and resized as the cache does. Returns uint8 (size, size, 3)."""
     if policy == "center-crop":
         s = min(im.width, im.height)
         left, top = (im.width - s) // 2, (im.height - s) // 2
