@@ -147,7 +147,7 @@ def _select(res, trials_df: pd.DataFrame, ids: Sequence[str] | None, target_sens
         unknown = sorted(set(ids) - set(trials_df["trial_id"]))
         if unknown:
             raise ConfigError(f"--trial {', '.join(unknown)}: not in {res.path}; list them with `skinsweep results show`")
-        chosen = [t for t in ids]
+        chosen = list(ids)
     else:
         best = done.dropna(subset=["val_auc"]).sort_values("val_auc", ascending=False).groupby("backbone", sort=False).head(1)
         chosen = best.sort_values("val_auc", ascending=False)["trial_id"].tolist()
@@ -182,7 +182,7 @@ def _load_ensemble(path: Path, res, trials_df: pd.DataFrame) -> _Ensemble:
         raise DataError(f"--ensemble {path}: no report.json + predictions.parquet there; pass the folder "
                         "`skinsweep ensemble build` wrote (ensembles/<name>/)")
     rep = json.loads(rep_file.read_text())
-    ours = set(res.store.predictions(split="test")["split_hash"].dropna().unique())
+    ours = set(trials_df["split_hash"].dropna())
     if rep.get("split_hash") not in ours or not {m["trial_id"] for m in rep["members"]} <= set(trials_df["trial_id"]):
         raise DataError(f"--ensemble {path} was built from {rep.get('results')}, not from {res.path} (other trials "
                         "or split); rebuild it with `skinsweep ensemble build … --results` this sweep")
@@ -349,7 +349,8 @@ def _ensemble_section(img: Path, e: _Ensemble) -> str:
 
 def _gallery(img: Path, src: Source, trials: pd.DataFrame, index: pd.DataFrame | None, note: str,
              n: int, gradcam: bool, log) -> str:
-    from PIL import Image
+    from skinsweep.data.index import read_rgb
+    from skinsweep.explain import overlay
 
     if index is None:
         return f"<p>No gallery: {html.escape(note)}.</p>"
@@ -372,6 +373,7 @@ def _gallery(img: Path, src: Source, trials: pd.DataFrame, index: pd.DataFrame |
     if gradcam and len(shown):
         cams, method_note = _heatmaps(src.explain, trials, shown["path"].tolist(), log)
     names = [m for m in src.explain if m in cams]
+    backbone = trials.set_index("trial_id")["backbone"]
     tile = 176
     out = [f"<p>Ranked by {html.escape(src.name)} on test (threshold {thr:.4f}, chosen on validation), one image per "
            "lesion. Each row: the image, then each model's Grad-CAM heat map for the melanoma logit (red: regions that raised it). "
@@ -384,17 +386,14 @@ def _gallery(img: Path, src: Source, trials: pd.DataFrame, index: pd.DataFrame |
         for _, r in g.iterrows():
             if not isinstance(r["path"], str):
                 continue
-            with Image.open(r["path"]) as im:
-                rgb = np.asarray(im.convert("RGB"))
+            rgb = np.asarray(read_rgb(r["path"]))  # as the heat maps were mapped: EXIF orientation applied
             stem = _slug(r["image_id"])
             cells = [_tile(img, f"g_{stem}.png", rgb, tile, "image")]
             for m in names:
-                from skinsweep.explain import overlay
-
                 cam = cams[m][r["path"]]
                 flat = " · nothing raised the logit" if cam.max() <= 0 else ""
                 cells.append(_tile(img, f"g_{stem}_{_slug(m)}.png", overlay(rgb, cam), tile,
-                                   f"{trials.set_index('trial_id').loc[m, 'backbone']} ({m}){flat}"))
+                                   f"{backbone[m]} ({m}){flat}"))
             out.append(f"<div class='row'><div class='cap'><b>{html.escape(r['image_id'])}</b><br>dx "
                        f"{html.escape(str(r['dx']))}<br>p(melanoma) <b>{r['prob']:.3f}</b><br>lesion "
                        f"{html.escape(str(r['lesion_id']))}</div>{''.join(cells)}</div>")
