@@ -417,7 +417,7 @@ def _heatmaps(trial_ids: list[str], trials: pd.DataFrame, paths: list[str], log)
             methods.add(target_layer(model, int(meta["data_config"]["input_size"]))[2])
             cams[t] = dict(zip(paths, gradcam(model, meta, paths)))
             log(f"report: heat maps of {t} ({len(paths)} images)")
-        except SkinsweepError as e:
+        except SkinsweepError as e:  # a damaged checkpoint costs its heat maps, not the page
             skipped.append(f"{t} ({e})")
     note = f"Methods: {', '.join(sorted(methods))}." if methods else ""
     if skipped:

@@ -464,5 +464,10 @@ def load_trial_model(out_dir: str | Path, device: str = "cpu"):
     h = meta["head"]
     model = Classifier(backbone.model, make_head(h["kind"], backbone.num_features, hidden=h["hidden"],
                                                  dropout=h["dropout"]), mode=meta["mode"])
-    load_model(model, str(out / CHECKPOINT), device=device)
+    try:
+        load_model(model, str(out / CHECKPOINT), device=device)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DataError(f"{out / CHECKPOINT} does not load into the model model.json describes ({reason}); "
+                        "the file is damaged or from another trial — re-run the trial") from None
     return model.to(device).eval(), meta

@@ -297,3 +297,23 @@ def test_gradcam_on_the_real_architectures(name, method, sweep):
     path = load_index(sweep["data"]).df["path"].iloc[0]
     (m,) = gradcam(model, meta, [path])
     assert m.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0]) and m.std() > 1e-3
+
+
+def test_damaged_checkpoint_costs_its_heat_maps_not_the_page(sweep, tmp_path):
+    from skinsweep.report import build_report
+
+    res = tmp_path / "copy"
+    shutil.copytree(sweep["results"], res)
+    ckpt_dir = tmp_path / "t1"
+    shutil.copytree(sweep["base"] / "trials" / "t1", ckpt_dir)
+    (ckpt_dir / "checkpoint.safetensors").write_bytes(b"not a safetensors file")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(res / "trials.parquet").to_pandas()
+    t.loc[t["trial_id"] == "t1", "checkpoint"] = str(ckpt_dir / "checkpoint.safetensors")
+    pq.write_table(pa.Table.from_pandas(t, preserve_index=False), res / "trials.parquet")
+    page = build_report(res, out=tmp_path / "r", gallery=1, log=lambda m: None)
+    text = page.read_text()
+    assert "No heat maps for t1 (" in text
+    assert re.search(r"g_\w+_t0\.png", text)  # the other models still have theirs
