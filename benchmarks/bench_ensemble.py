@@ -24,8 +24,8 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=2000)
     args = ap.parse_args()
 
-    from skinsweep.combine import greedy_selection
-    from skinsweep.stats import bootstrap_metrics, delong_test
+    from skinsweep.ensemble.combiners import greedy_selection
+    from skinsweep.ensemble.stats import bootstrap_metrics, delong_test
 
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(args.n), rng.integers(1, 3, args.n))[: args.n]

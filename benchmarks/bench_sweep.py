@@ -48,10 +48,10 @@ def main() -> None:
     import torch
 
     from skinsweep.data.synth import synthesize
-    from skinsweep.recipe import load_recipe
+    from skinsweep.sweep.recipe import load_recipe
     from skinsweep.results import load
-    from skinsweep.sweep import run_sweep
-    from skinsweep.trial import run_trial
+    from skinsweep.sweep.runner import run_sweep
+    from skinsweep.train.loop import run_trial
 
     threads = os.cpu_count() or 2
     data = tmp / "data"

@@ -36,12 +36,12 @@ def main() -> None:
         raise SystemExit("gpu_check needs a CUDA GPU")
     tmp = tempfile.TemporaryDirectory(prefix="skinsweep-gpu-")
     os.environ.setdefault("SKINSWEEP_CACHE", str(Path(tmp.name) / "cache"))
-    from skinsweep.backbones import create_backbone
+    from skinsweep.train.backbones import create_backbone
     from skinsweep.data.cache import build_cache
     from skinsweep.data.index import load_index
     from skinsweep.data.synth import synthesize
     from skinsweep.data.transforms import train_transform
-    from skinsweep.model import Classifier, make_head
+    from skinsweep.train.model import Classifier, make_head
 
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True

@@ -169,7 +169,7 @@ def data_inspect(
     workers: Optional[int] = WorkersOpt,
 ) -> None:
     """Counts per class and split, lesions per split, a leakage check and image sizes."""
-    from skinsweep.data.report import describe
+    from skinsweep.data.inspect import describe
     from skinsweep.data.split import get_or_create_split
 
     index = _index(root, positive, skip_bad, fmt, workers)
@@ -227,7 +227,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different trial already in --out."),
 ) -> None:
     """Train and evaluate one configuration; write predictions.parquet, summary.json, checkpoint and model.json."""
-    from skinsweep.trial import parse_config, run_trial
+    from skinsweep.train.loop import parse_config, run_trial
 
     cfg = parse_config(dict(
         data=str(data), split=str(split) if split else None, backbone=backbone, mode=mode, weights=weights,
@@ -266,7 +266,7 @@ def sweep(
 ) -> None:
     """Run a hyperparameter sweep with Ray Tune + Optuna (+ ASHA early stopping); results go to Parquet."""
     from skinsweep.results import show
-    from skinsweep.sweep import run_sweep
+    from skinsweep.sweep.runner import run_sweep
 
     outcome = run_sweep(recipe, overrides=set_, address=address, resume=resume, console=out, results_dir=results_dir)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.counts.items()))
@@ -324,7 +324,8 @@ def ensemble_build(
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset to read combiner.metadata from (default: the sweep's)."),
 ) -> None:
     """Fit an ensemble on validation predictions, report it on test (with CIs), export a bundle."""
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.build import build_ensemble
+    from skinsweep.metrics import format_ci
 
     rep = build_ensemble(recipe, results, out=out_dir, overrides=set_, bundle=not no_bundle, data=data)
     t = Table(title=f"ensemble {rep['name']} on test ({rep['n']['test']:,} images, {rep['n']['test_pos']:,} melanoma) — "
@@ -334,7 +335,7 @@ def ensemble_build(
     for c in metrics:
         t.add_column(c, justify="right")
     for model, m in rep["test"].items():
-        t.add_row(escape(model), *(_ci(m.get(c)) for c in metrics))
+        t.add_row(escape(model), *(format_ci(m.get(c)) for c in metrics))
     out.print(t)
     d = rep["delong_vs_best"]
     out.print(f"threshold {rep['threshold']:.4f} (chosen on validation: {rep['threshold_rule']}); "
@@ -359,9 +360,9 @@ def predict(
                                             "localization, as HAM10000_metadata.csv; needed by bundles that stack metadata."),
 ) -> None:
     """Score images with a bundle: member probabilities, ensemble, calibrated probability, decision."""
-    from skinsweep.bundle import load_bundle
-    from skinsweep.metadata import read_metadata_csv
-    from skinsweep.predict import predict_files
+    from skinsweep.ensemble.bundle import load_bundle
+    from skinsweep.ensemble.metadata import read_metadata_csv
+    from skinsweep.ensemble.bundle import predict_files
 
     b = load_bundle(bundle)
     if metadata and not b.metadata_features:
@@ -386,12 +387,6 @@ def predict(
         raise typer.Exit(1)
 
 
-def _ci(m) -> str:
-    if not m or m.get("estimate") is None:
-        return "-"
-    return f"{m['estimate']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]" if m.get("lo") is not None else f"{m['estimate']:.3f}"
-
-
 @app.command("report")
 @user_errors
 def report(
@@ -406,7 +401,7 @@ def report(
     no_gradcam: bool = typer.Option(False, "--no-gradcam", help="Gallery without heat maps (no checkpoints needed)."),
 ) -> None:
     """Write an HTML report (index.html + PNGs): sweep overview, per-model curves, ensembles, Grad-CAM, errors."""
-    from skinsweep.report import build_report
+    from skinsweep.report.page import build_report
 
     page = build_report(results, ensembles=ensemble, out=out_dir, trials=trial or None, target_sensitivity=sensitivity,
                         gallery=gallery, gradcam=not no_gradcam, log=lambda m: out.print(m, highlight=False, markup=False))
@@ -417,7 +412,7 @@ def report(
 @user_errors
 def backbones_cmd() -> None:
     """List the registered backbones (any timm or open_clip model also works as timm:NAME / open_clip:NAME)."""
-    from skinsweep.backbones import list_backbones
+    from skinsweep.train.backbones import list_backbones
 
     for name in list_backbones():
         out.print(name)

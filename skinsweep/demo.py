@@ -121,6 +121,8 @@ def _dino_clip_members(sweep_dir: Path) -> list[str] | None:
 def _summary(sweep_dir: Path, ens_root: Path, wall: float) -> None:
     import pandas as pd
 
+    from skinsweep.metrics import format_ci
+
     console.rule("[bold green]demo finished[/]")
     t = pd.read_parquet(sweep_dir / "trials.parquet")
     counts = t["status"].value_counts().to_dict()
@@ -141,7 +143,7 @@ def _summary(sweep_dir: Path, ens_root: Path, wall: float) -> None:
         for model, label in (("ensemble", f"ensemble of {len(rep['members'])}"),
                              (best_label, f"best member {rep['best_member']['trial_id']}")):
             m = rep["test"][model]
-            te.add_row(name if model == "ensemble" else "", label, *(_ci(m[k]) for k in ("auc", "ap", "ece")),
+            te.add_row(name if model == "ensemble" else "", label, *(format_ci(m[k]) for k in ("auc", "ap", "ece")),
                        f"{rep['delong_vs_best']['p_value']:.3g}" if model == "ensemble" else "")
     console.print(te)
     report = (sweep_dir / "report" / "index.html").resolve()
@@ -151,10 +153,6 @@ def _summary(sweep_dir: Path, ens_root: Path, wall: float) -> None:
                   f"scores:   {ens_root / 'new-predictions.csv'} (8 new images)\n"
                   f"sweep:    {sweep_dir}/ (trials.parquet, predictions/, history/) — try: skinsweep results show "
                   f"{sweep_dir} --where \"mode = 'linear_probe'\"", highlight=False, markup=False)
-
-
-def _ci(m: dict) -> str:
-    return f"{m['estimate']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
 
 
 if __name__ == "__main__":

@@ -29,3 +29,16 @@ def short_list(items, n: int = 5) -> str:
     items = [str(i) for i in items]
     head = ", ".join(items[:n])
     return head + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def did_you_mean(name, valid, *, n: int = 2, cutoff: float = 0.6, lower: bool = False) -> str:
+    """``" (did you mean a or b?)"`` for the close matches of ``name`` among ``valid``, else ``""``.
+
+    The one spelling-hint helper (difflib) behind every "unknown X" message; ``lower`` compares
+    case-insensitively (backbone and calibrator names).
+    """
+    import difflib
+
+    key = str(name).lower() if lower else str(name)
+    close = difflib.get_close_matches(key, [str(v) for v in valid], n=n, cutoff=cutoff)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""

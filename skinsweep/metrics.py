@@ -60,6 +60,25 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 }
 
 
+def sigmoid(x: Any) -> np.ndarray:
+    """Logit → probability, overflow-safe (``scipy.special.expit``); the one sigmoid in skinsweep."""
+    from scipy.special import expit
+
+    return expit(np.asarray(x, dtype=np.float64))
+
+
+def format_ci(m: dict | None, missing: str = "-") -> str:
+    """``{"estimate", "lo", "hi"}`` (a bootstrap CI from :mod:`skinsweep.ensemble.stats`) →
+    ``"0.912 [0.880, 0.940]"``; ``missing`` when there is no estimate, the estimate alone without a CI."""
+    est = None if not m else m.get("estimate")
+    if est is None or (isinstance(est, float) and math.isnan(est)):
+        return missing
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is None or hi is None or any(isinstance(v, float) and math.isnan(v) for v in (lo, hi)):
+        return f"{est:.3f}"
+    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 # ----------------------------------------------------------------------------- input validation
 
 

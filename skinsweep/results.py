@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skinsweep.errors import ConfigError, DataError, short_list
-from skinsweep.fsutil import atomic_path
+from skinsweep.files import atomic_path
 
 TRIALS = "trials.parquet"
 PREDICTIONS_DIR = "predictions"
@@ -573,7 +573,7 @@ def _prediction_table(predictions: pd.DataFrame | str | Path, summary: dict,
     missing = [c for c in _REQUIRED_PREDICTION_COLUMNS if c not in table.column_names]
     if missing:
         raise DataError(f"{where} lacks column(s) {', '.join(missing)}; it must have "
-                        f"{', '.join(_REQUIRED_PREDICTION_COLUMNS)} (as written by skinsweep.trial)")
+                        f"{', '.join(_REQUIRED_PREDICTION_COLUMNS)} (as written by skinsweep.train.loop)")
     if "trial_id" in table.column_names:
         ids = set(pc.unique(table["trial_id"]).to_pylist()) - {None}
         if ids - {trial_id}:

@@ -1,4 +1,4 @@
-"""Tests for skinsweep.backbones: registry, tiny variants, weight files, hub failures, real backbones.
+"""Tests for skinsweep.train.backbones: registry, tiny variants, weight files, hub failures, real backbones.
 
 No test downloads anything: tiny variants are random-init, real backbones are built with
 weights="none", and the hub test forces offline mode with an empty cache.
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from skinsweep import backbones
-from skinsweep.backbones import (
+from skinsweep.train import backbones
+from skinsweep.train.backbones import (
     Backbone,
     backbone_from_spec,
     create_backbone,

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_demo_pipeline_small(tmp_path, monkeypatch, capsys):
-    from skinsweep.sweep import _loopback_only
+    from skinsweep.sweep.runner import _loopback_only
 
     if not _loopback_only() and not os.environ.get("SKINSWEEP_ALLOW_NETWORK_RAY"):
         pytest.skip("run via `make test` (loopback-only network namespace) or set SKINSWEEP_ALLOW_NETWORK_RAY=1")

@@ -26,7 +26,7 @@ def sweep(tmp_path_factory):
 
     from skinsweep.data.synth import synthesize
     from skinsweep.results import ResultsStore
-    from skinsweep.trial import parse_config, run_trial
+    from skinsweep.train.loop import parse_config, run_trial
 
     base = tmp_path_factory.mktemp("ens")
     os.environ["SKINSWEEP_CACHE"] = str(base / "cache")  # module-scoped: one cache for the fixture's trials
@@ -59,7 +59,7 @@ def recipe(tmp_path: Path, **sections) -> Path:
 
 
 def test_build_report_plots_and_threshold(sweep, tmp_path):
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.build import build_ensemble
 
     rep = build_ensemble(recipe(tmp_path), sweep["results"], out=tmp_path / "out", bundle=False)
     assert [m["backbone"] for m in rep["members"]] == ["tiny_vit", "tiny_clip"] or \
@@ -90,7 +90,7 @@ def test_build_report_plots_and_threshold(sweep, tmp_path):
 def test_each_combiner_and_calibrator(sweep, tmp_path, combiner, calibration):
     import warnings
 
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.build import build_ensemble
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # isotonic warns about few positives on this small set
@@ -101,7 +101,7 @@ def test_each_combiner_and_calibrator(sweep, tmp_path, combiner, calibration):
 
 
 def test_greedy_selection_recipe(sweep, tmp_path):
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.build import build_ensemble
 
     rep = build_ensemble(ROOT / "ensembles" / "best.yaml", sweep["results"], out=tmp_path / "g", bundle=False,
                          overrides=["report.n_boot=200"])
@@ -110,8 +110,8 @@ def test_greedy_selection_recipe(sweep, tmp_path):
 
 
 def test_bundle_round_trip_and_tamper(sweep, tmp_path):
-    from skinsweep.bundle import load_bundle
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.bundle import load_bundle
+    from skinsweep.ensemble.build import build_ensemble
 
     rep = build_ensemble(recipe(tmp_path), sweep["results"], out=tmp_path / "e")
     bundle_dir = Path(rep["bundle"])
@@ -144,7 +144,7 @@ def test_predict_cli_with_a_corrupt_file(sweep, tmp_path):
     from typer.testing import CliRunner
 
     from skinsweep.cli import app
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.build import build_ensemble
 
     rep = build_ensemble(recipe(tmp_path), sweep["results"], out=tmp_path / "e")
     folder = tmp_path / "new"
@@ -166,7 +166,7 @@ META = ["age", "sex", "site"]
 @pytest.fixture(scope="module")
 def meta_bundle(sweep, tmp_path_factory):
     """An ensemble whose stacker uses age, sex and site (from the synthetic HAM10000_metadata.csv)."""
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.build import build_ensemble
 
     out = tmp_path_factory.mktemp("meta") / "e"
     rep = build_ensemble(recipe(out.parent, combiner={"type": "stacking", "metadata": META}), sweep["results"], out=out)
@@ -178,7 +178,7 @@ def _image_paths(sweep, ids) -> list[str]:
 
 
 def test_bundle_with_metadata_reproduces_the_report(sweep, meta_bundle, tmp_path):
-    from skinsweep.bundle import load_bundle
+    from skinsweep.ensemble.bundle import load_bundle
 
     rep, preds = meta_bundle
     assert rep["metadata"]["features"] == META and json.loads(Path(rep["bundle"], "bundle.json").read_text())["metadata"]
@@ -249,14 +249,14 @@ def test_predict_cli_with_metadata(sweep, meta_bundle, tmp_path):
     ({"colour": 1}, r"\[colour\] Extra inputs are not permitted"),
 ])
 def test_invalid_ensemble_recipes(tmp_path, section, message):
-    from skinsweep.ensemble import load_ensemble_recipe
+    from skinsweep.ensemble.build import load_ensemble_recipe
 
     with pytest.raises(ConfigError, match=message):
         load_ensemble_recipe(recipe(tmp_path, **section))
 
 
 def test_members_must_share_images_and_split():
-    from skinsweep.ensemble import aligned_logits
+    from skinsweep.ensemble.build import aligned_logits
 
     rows = [{"image_id": f"i{k}", "lesion_id": None, "label": k % 2, "dx": "NV", "logit": 0.1 * k, "split": "val",
              "trial_id": t, "split_hash": h} for t, h in (("a", "h1"), ("b", "h2")) for k in range(6)]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from skinsweep.errors import ConfigError, DataError
-from skinsweep.metadata import MetadataEncoder
+from skinsweep.ensemble.metadata import MetadataEncoder
 from conftest import make_rows, write_isic
 
 SITES = ["back", "face", "trunk", "lower extremity"]
@@ -62,7 +62,7 @@ def test_encoder_refuses_a_feature_without_values(column, values, message):
 
 
 def test_metadata_table_takes_ham_columns_and_joins_by_image_id():
-    from skinsweep.metadata import join_metadata, metadata_table
+    from skinsweep.ensemble.metadata import join_metadata, metadata_table
 
     ham = pd.DataFrame({"lesion_id": ["l1", "l2"], "image_id": ["a", " b"], "dx": ["nv", "mel"], "age": [30, 40],
                         "sex": ["male", "female"], "localization": ["back", "face"]})
@@ -80,7 +80,7 @@ def test_metadata_table_takes_ham_columns_and_joins_by_image_id():
      r"^t.csv: 1 image ids listed more than once \(a\)"),
 ])
 def test_metadata_table_errors_name_the_table(table, message):
-    from skinsweep.metadata import metadata_table
+    from skinsweep.ensemble.metadata import metadata_table
 
     with pytest.raises(DataError, match=message):
         metadata_table(table, ["age", "sex", "site"], "t.csv")
@@ -148,7 +148,7 @@ def _recipe(tmp_path: Path, **combiner) -> Path:
 
 
 def _build(tmp_path, results, name, **combiner) -> dict:
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.build import build_ensemble
 
     return build_ensemble(_recipe(tmp_path, **combiner), results, out=tmp_path / name, bundle=False)
 
@@ -187,7 +187,7 @@ def test_encoder_is_fitted_on_validation_rows_only(informative, tmp_path):
 def test_noise_metadata_does_not_leak_into_validation_scores(noise, tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from skinsweep.combine import combiner_from_dict
+    from skinsweep.ensemble.combiners import combiner_from_dict
 
     _, results = noise
     base = _build(tmp_path, results, "base")
@@ -213,7 +213,7 @@ def test_noise_metadata_does_not_leak_into_validation_scores(noise, tmp_path):
     ({"members": {"rule": "greedy"}, "combiner": {"metadata": ["sex"]}}, r"cannot be used with members.rule greedy"),
 ])
 def test_invalid_metadata_recipes(tmp_path, section, message):
-    from skinsweep.ensemble import load_ensemble_recipe
+    from skinsweep.ensemble.build import load_ensemble_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"name": "m", **section}))
@@ -223,7 +223,7 @@ def test_invalid_metadata_recipes(tmp_path, section, message):
 
 
 def test_dataset_without_the_column_is_a_one_line_error(tmp_path):
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.build import build_ensemble
 
     data, results = _make_sweep(tmp_path, informative=True, n=200)
     meta = pd.read_csv(data / "HAM10000_metadata.csv").assign(localization="unknown")  # site never known
@@ -237,7 +237,7 @@ def test_dataset_without_the_column_is_a_one_line_error(tmp_path):
 
 
 def test_missing_or_other_dataset_is_a_one_line_error(informative, tmp_path):
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.build import build_ensemble
 
     _, results = informative
     other = write_isic(tmp_path / "other", make_rows(30), size=(16, 12))

@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from skinsweep.progress import SweepProgress
+from skinsweep.sweep.progress import SweepProgress
 
 
 def console(terminal: bool) -> tuple[Console, io.StringIO]:

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from skinsweep.errors import ConfigError
-from skinsweep.recipe import SweepRecipe, load_recipe
-from skinsweep.trial import TrialConfig
+from skinsweep.sweep.recipe import SweepRecipe, load_recipe
+from skinsweep.train.loop import TrialConfig
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 SHIPPED = sorted(SWEEPS.glob("*.yaml"))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from skinsweep.backbones import create_backbone
-from skinsweep.trial import parse_config
+from skinsweep.train.backbones import create_backbone
+from skinsweep.train.loop import parse_config
 
 PAPER = Path(__file__).resolve().parents[1] / "sweeps" / "paper.yaml"
 

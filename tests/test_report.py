@@ -29,9 +29,9 @@ def sweep(tmp_path_factory):
     import os
 
     from skinsweep.data.synth import synthesize
-    from skinsweep.ensemble import build_ensemble
+    from skinsweep.ensemble.build import build_ensemble
     from skinsweep.results import ResultsStore
-    from skinsweep.trial import parse_config, run_trial
+    from skinsweep.train.loop import parse_config, run_trial
 
     base = tmp_path_factory.mktemp("report")
     os.environ["SKINSWEEP_CACHE"] = str(base / "cache")
@@ -115,7 +115,7 @@ def _table_with(p: _Page, header: str) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def report(sweep, tmp_path_factory):
-    from skinsweep.report import build_report
+    from skinsweep.report.page import build_report
 
     out = tmp_path_factory.mktemp("rep") / "report"
     msgs: list[str] = []
@@ -200,8 +200,8 @@ def test_gallery_picks_confident_mistakes(report, sweep):
 @pytest.mark.parametrize("k", range(len(MEMBERS)))
 def test_gradcam_maps_have_image_size_and_vary(sweep, k):
     from skinsweep.data.index import load_index
-    from skinsweep.explain import gradcam, target_layer
-    from skinsweep.trial import load_trial_model
+    from skinsweep.report.gradcam import gradcam, target_layer
+    from skinsweep.train.loop import load_trial_model
 
     model, meta = load_trial_model(sweep["base"] / "trials" / f"t{k}")
     _, _, method = target_layer(model, meta["data_config"]["input_size"])
@@ -223,7 +223,7 @@ def test_gradcam_maps_have_image_size_and_vary(sweep, k):
 
 
 def test_center_crop_maps_land_on_the_crop():
-    from skinsweep.explain import _to_original
+    from skinsweep.report.gradcam import _to_original
 
     m = np.ones((8, 8), np.float32)
     out = _to_original(m, 40, 20, "center-crop")
@@ -233,7 +233,7 @@ def test_center_crop_maps_land_on_the_crop():
 
 def test_report_without_dataset_or_ensemble_still_builds(sweep, tmp_path):
     """Dataset gone (e.g. report built on another machine): the page says why the gallery is missing."""
-    from skinsweep.report import build_report
+    from skinsweep.report.page import build_report
 
     res = tmp_path / "copy"
     shutil.copytree(sweep["results"], res)
@@ -248,7 +248,7 @@ def test_report_without_dataset_or_ensemble_still_builds(sweep, tmp_path):
 
 
 def test_report_bad_input(sweep, tmp_path):
-    from skinsweep.report import build_report
+    from skinsweep.report.page import build_report
 
     with pytest.raises(DataError, match="no report.json"):
         build_report(sweep["results"], ensembles=[tmp_path], out=tmp_path / "r")
@@ -285,10 +285,10 @@ def test_report_cli_writes_page(sweep, tmp_path):
                                          ("clip_vitb32", "Grad-CAM (ViT tokens)")])
 def test_gradcam_on_the_real_architectures(name, method, sweep):
     """The study's backbones (random init: no hub here) take the same heat-map path at 224 px."""
-    from skinsweep.backbones import create_backbone
+    from skinsweep.train.backbones import create_backbone
     from skinsweep.data.index import load_index
-    from skinsweep.explain import gradcam, target_layer
-    from skinsweep.model import Classifier, make_head
+    from skinsweep.report.gradcam import gradcam, target_layer
+    from skinsweep.train.model import Classifier, make_head
 
     bb = create_backbone(name, weights="none")
     model = Classifier(bb.model, make_head(bb.default_head, bb.num_features), mode="linear_probe")
@@ -300,7 +300,7 @@ def test_gradcam_on_the_real_architectures(name, method, sweep):
 
 
 def test_damaged_checkpoint_costs_its_heat_maps_not_the_page(sweep, tmp_path):
-    from skinsweep.report import build_report
+    from skinsweep.report.page import build_report
 
     res = tmp_path / "copy"
     shutil.copytree(sweep["results"], res)

@@ -1,6 +1,6 @@
 """Tests for skinsweep.results: the Parquet results store (schemas, replace, atomicity) and show / query / load.
 
-Trials are fake summaries and prediction frames shaped like skinsweep.trial's output; nothing trains.
+Trials are fake summaries and prediction frames shaped like skinsweep.train.loop's output; nothing trains.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from skinsweep.results import (
     show,
 )
 
-# A TrialConfig dump (skinsweep.trial.TrialConfig.model_dump()), written out so the tests need no torch.
+# A TrialConfig dump (skinsweep.train.loop.TrialConfig.model_dump()), written out so the tests need no torch.
 BASE_CONFIG = {
     "data": "/data/ham", "split": None, "positive": ["MEL"], "backbone": "resnet18", "weights": None,
     "backbone_args": {}, "mode": "finetune", "head": "auto", "head_hidden": 512, "loss": "bce",
@@ -60,7 +60,7 @@ def summary(trial_id: str, *, status: str = "completed", val_auc: float = 0.8, e
 
 
 def preds(s: dict, *, recipe_hash: str | None = "r789", **extra_cols) -> pd.DataFrame:
-    """Predictions as skinsweep.trial writes them (plus the sweep's extra constant columns)."""
+    """Predictions as skinsweep.train.loop writes them (plus the sweep's extra constant columns)."""
     rows = []
     rng = np.random.default_rng(len(s["trial_id"]))
     for split in ("val", "test"):
@@ -89,7 +89,7 @@ def sweep(tmp_path: Path) -> Path:
     add(store, summary("t1", val_auc=0.90, ece=0.20, lr=1e-3))
     add(store, summary("t2", val_auc=0.70, ece=0.05, backbone="dino_vits16", lr=1e-5))
     add(store, summary("t3", val_auc=0.80, ece=0.10, backbone="dino_vits16", mode="linear_probe", lr=1e-2))
-    full = summary("t4", val_auc=0.60)  # a pruned trial's summary as skinsweep.sweep builds it: no head, no test
+    full = summary("t4", val_auc=0.60)  # a pruned trial's summary as skinsweep.sweep.runner builds it: no head, no test
     pruned = {"trial_id": "t4", "status": "pruned", "config": full["config"], "config_hash": "c-t4",
               "best_epoch": None, "epochs_run": 1, "val": full["val"], "test": {}, "runtime_s": 3.0, "split_hash": None}
     store.add_trial(pruned, predictions=None, status="pruned", extra={"pruned_at_epoch": 1})

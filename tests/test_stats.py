@@ -1,4 +1,4 @@
-"""Tests for skinsweep.stats: the vectorised bootstrap against a slow reference, CI behaviour a user
+"""Tests for skinsweep.ensemble.stats: the vectorised bootstrap against a slow reference, CI behaviour a user
 relies on (containment, shrinking with n, lesion-level resampling), and DeLong against hand-worked
 and O(n^2) references."""
 
@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from scipy.stats import kstest
 
-import skinsweep.stats as stats_mod
+import skinsweep.ensemble.stats as stats_mod
 from skinsweep.errors import ConfigError
 from skinsweep.metrics import binary_metrics, sensitivity_at_specificity
-from skinsweep.stats import (
+from skinsweep.ensemble.stats import (
     BOOT_METRICS,
     bootstrap_metrics,
     bootstrap_values,

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from skinsweep.errors import ConfigError
-from skinsweep.storage import check_writable, mirror, pull, remote_sweep
+from skinsweep.sweep.storage import check_writable, mirror, pull, remote_sweep
 
 
 @pytest.mark.parametrize("storage, message", [

@@ -35,8 +35,8 @@ from PIL import Image
 
 from skinsweep.data.index import DatasetIndex, map_chunks, read_rgb
 from skinsweep.errors import DataError, short_list
-from skinsweep.fsutil import atomic_write_text
-from skinsweep.paths import cache_dir, dataset_key
+from skinsweep.files import atomic_write_text
+from skinsweep.files import cache_dir, dataset_key
 
 CACHE_VERSION = 1
 POLICIES = ("squash", "center-crop")

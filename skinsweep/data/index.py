@@ -35,8 +35,8 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from skinsweep.errors import DataError, short_list
-from skinsweep.fsutil import atomic_write_text
-from skinsweep.paths import cache_dir, dataset_key
+from skinsweep.files import atomic_write_text
+from skinsweep.files import cache_dir, dataset_key
 
 ISIC_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 ISIC_SPLITS = {"Training": "train", "Validation": "val", "Test": "test"}

@@ -17,7 +17,7 @@ Calibrators follow the scikit-learn estimator contract (keyword-only parameters,
 one deliberate difference: ``predict_proba`` returns the melanoma probability with shape ``(N,)``,
 not scikit-learn's ``(N, 2)``, because every consumer here wants the positive class only.
 
-Cross-fitting (:func:`crossfit_folds`, shared with :mod:`skinsweep.combine`): when the rows a model
+Cross-fitting (:func:`crossfit_folds`, shared with :mod:`skinsweep.ensemble.combiners`): when the rows a model
 is fitted on are also the rows it is scored on (validation scores of a stacker or calibrator), each
 row is scored by a model fitted on the other folds. Folds are grouped by lesion, so a lesion's other
 images -- which carry the same label -- never sit on the fitting side while it is scored.
@@ -69,7 +69,7 @@ class FewPositivesWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------- input validation
-# Shared with skinsweep.combine (same package), so both modules word their errors the same way.
+# Shared with skinsweep.ensemble.combiners (same package), so both modules word their errors the same way.
 
 
 def check_logits(logits: Any, *, name: str = "logits") -> np.ndarray:
@@ -247,7 +247,7 @@ CALIBRATORS: dict[str, type[Calibrator]] = {}
 
 
 def _registrar(registry: dict[str, type], what: str, name: str):
-    """Class decorator adding a class to ``registry`` under ``name`` (shared with skinsweep.combine)."""
+    """Class decorator adding a class to ``registry`` under ``name`` (shared with skinsweep.ensemble.combiners)."""
 
     def decorator(cls: type) -> type:
         if name in registry:

@@ -11,7 +11,7 @@ import torch
 
 from skinsweep.errors import BackboneError, ConfigError, DataError
 from skinsweep.metrics import binary_metrics
-from skinsweep.trial import CHECKPOINT, MODEL_JSON, PREDICTIONS, SUMMARY, load_trial_model, parse_config, run_trial
+from skinsweep.train.loop import CHECKPOINT, MODEL_JSON, PREDICTIONS, SUMMARY, load_trial_model, parse_config, run_trial
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ def test_each_backbone_and_mode_trains_and_metrics_match_parquet(synth_dir, tmp_
 def test_linear_probe_embedding_cache_hit(synth_dir, tmp_path, monkeypatch):
     first = run_trial(cfg(synth_dir, backbone="tiny_vit", mode="linear_probe"), tmp_path / "a")
     assert first.summary["embedding_cache"] == "miss"
-    import skinsweep.model as model_mod
+    import skinsweep.train.model as model_mod
 
     calls = []
     real = model_mod.Classifier.features

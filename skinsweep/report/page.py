@@ -110,7 +110,7 @@ def build_report(
         sections.append(("errors", "Error analysis", _errors(source, index, index_note)))
     page = _page(sweep.get("name") or res.path.name, res.path, sweep, trials_df, sections)
     out.mkdir(parents=True, exist_ok=True)
-    from skinsweep.fsutil import atomic_write_text
+    from skinsweep.files import atomic_write_text
 
     atomic_write_text(out / REPORT_HTML, page)
     log(f"report: wrote {out / REPORT_HTML} and {len(list(img.glob('*.png')))} images in {img}")
@@ -140,7 +140,7 @@ def _sigmoid(x):
 
 
 def _select(res, trials_df: pd.DataFrame, ids: Sequence[str] | None, target_sensitivity: float) -> list[Selected]:
-    from skinsweep.calibration import choose_threshold
+    from skinsweep.ensemble.calibrators import choose_threshold
 
     done = trials_df[trials_df["status"] == "completed"]
     if ids:
@@ -206,7 +206,7 @@ def _source(ens: list[_Ensemble], selected: list[Selected]) -> Source | None:
 
 
 def _overview(img: Path, trials: pd.DataFrame, history: pd.DataFrame, sweep: dict) -> str:
-    from skinsweep import plots
+    from skinsweep.report import plots
 
     colors = plots.backbone_colors(trials["backbone"].dropna())
     counts = trials["status"].value_counts()
@@ -248,7 +248,7 @@ def _overview(img: Path, trials: pd.DataFrame, history: pd.DataFrame, sweep: dic
 
 
 def _models(img: Path, selected: list[Selected], history: pd.DataFrame, target_sensitivity: float) -> str:
-    from skinsweep import plots
+    from skinsweep.report import plots
     from skinsweep.metrics import binary_metrics
 
     if not selected:
@@ -350,7 +350,7 @@ def _ensemble_section(img: Path, e: _Ensemble) -> str:
 def _gallery(img: Path, src: Source, trials: pd.DataFrame, index: pd.DataFrame | None, note: str,
              n: int, gradcam: bool, log) -> str:
     from skinsweep.data.index import read_rgb
-    from skinsweep.explain import overlay
+    from skinsweep.report.gradcam import overlay
 
     if index is None:
         return f"<p>No gallery: {html.escape(note)}.</p>"
@@ -402,8 +402,8 @@ def _gallery(img: Path, src: Source, trials: pd.DataFrame, index: pd.DataFrame |
 
 def _heatmaps(trial_ids: list[str], trials: pd.DataFrame, paths: list[str], log) -> tuple[dict, str]:
     """{trial: {path: map}} for every trial whose checkpoint is readable; a note on what was skipped."""
-    from skinsweep.explain import gradcam, target_layer
-    from skinsweep.trial import load_trial_model
+    from skinsweep.report.gradcam import gradcam, target_layer
+    from skinsweep.train.loop import load_trial_model
 
     rows = trials.set_index("trial_id")
     cams, skipped, methods = {}, [], set()
@@ -567,7 +567,7 @@ document.querySelectorAll('table.sortable').forEach(function(t){
 
 
 def _page(name: str, path: Path, sweep: dict, trials: pd.DataFrame, sections: list[tuple[str, str, str]]) -> str:
-    from skinsweep.trial import versions
+    from skinsweep.train.loop import versions
 
     v = versions()
     nav = "".join(f"<a href='#{sid}'>{html.escape(title.split(':')[0])}</a>" for sid, title, _ in sections)

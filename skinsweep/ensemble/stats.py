@@ -68,7 +68,7 @@ def _check_probs(y_true: Any, probs: Any) -> tuple[np.ndarray, dict[str, np.ndar
 
 def _check_groups(groups: Any, n: int) -> np.ndarray | None:
     """Return group codes of shape (N,) in 0..G-1, or None for the image bootstrap."""
-    from skinsweep.calibration import check_groups  # the one validation of lesion ids
+    from skinsweep.ensemble.calibrators import check_groups  # the one validation of lesion ids
 
     g = check_groups(groups, n)
     return None if g is None else np.unique(g, return_inverse=True)[1].ravel()

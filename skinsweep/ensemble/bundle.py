@@ -27,8 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from skinsweep.data.index import IMAGE_EXTENSIONS, read_rgb
 from skinsweep.errors import ConfigError, DataError
-from skinsweep.fsutil import atomic_write_text
+from skinsweep.files import atomic_write_text
 
 BUNDLE_JSON = "bundle.json"
 MANIFEST = "manifest.json"
@@ -46,8 +47,8 @@ def _sha256(path: Path) -> str:
 def export_bundle(folder: str | Path, results, members: list[str], combiner, calibrator, threshold: float,
                   recipe, report: dict, *, metadata=None) -> Path:
     """Write a bundle for ``members`` (trial ids of ``results``) with the fitted combiner/calibrator and,
-    when the combiner stacks patient metadata, the fitted :class:`~skinsweep.metadata.MetadataEncoder`."""
-    from skinsweep.trial import versions
+    when the combiner stacks patient metadata, the fitted :class:`~skinsweep.ensemble.metadata.MetadataEncoder`."""
+    from skinsweep.train.loop import versions
 
     folder = Path(folder)
     if folder.exists():
@@ -158,7 +159,7 @@ class Bundle:
 
     def _metadata_features(self, images: Sequence, metadata) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(extra (N, F), no_row (N,)) for the stacker, or (None, None) for a bundle without metadata."""
-        from skinsweep.metadata import join_metadata, metadata_table
+        from skinsweep.ensemble.metadata import join_metadata, metadata_table
 
         self.check_metadata(metadata)
         if not self.metadata_features:
@@ -200,10 +201,10 @@ def verify_bundle(path: str | Path) -> dict:
 
 def load_bundle(path: str | Path) -> Bundle:
     """Verify and load a bundle (CPU). ``load_bundle(p).predict([...])`` scores images."""
-    from skinsweep.calibration import calibrator_from_dict
-    from skinsweep.combine import combiner_from_dict
-    from skinsweep.metadata import MetadataEncoder
-    from skinsweep.trial import load_trial_model
+    from skinsweep.ensemble.calibrators import calibrator_from_dict
+    from skinsweep.ensemble.combiners import combiner_from_dict
+    from skinsweep.ensemble.metadata import MetadataEncoder
+    from skinsweep.train.loop import load_trial_model
 
     path = Path(path)
     meta = verify_bundle(path)
@@ -215,3 +216,57 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(path=path, meta=meta, models=models, model_meta=model_meta,
                   combiner=combiner_from_dict(meta["combiner"]), calibrator=calibrator_from_dict(meta["calibrator"]),
                   metadata_encoder=MetadataEncoder.from_dict(meta["metadata"]) if meta.get("metadata") else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring files: folders expanded, unreadable files reported per row, the rest scored
+# --------------------------------------------------------------------------------------------------
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders → their image files (sorted, recursive)."""
+    files: list[Path] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"{p} does not exist; pass image files or folders of images")
+    if not files:
+        raise DataError(f"no image files in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def predict_files(bundle, inputs: Sequence[str | Path], *, tta: bool = False, batch: int = 64,
+                  progress: bool = False, metadata: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per file: ``image, prob_<member>…, ensemble_prob, calibrated_prob, decision, error``.
+
+    A file that is not a readable image gets a row with its ``error`` and no scores; the others are
+    scored in batches of ``batch`` (with a progress bar when ``progress``). ``metadata`` (image_id =
+    file stem, age, sex, localization) is required by bundles whose stacker uses it; those add a
+    ``metadata_missing`` column (True: no row for the image, scored with unknown metadata).
+    """
+    from rich.progress import Progress
+
+    bundle.check_metadata(metadata)  # fail before decoding anything
+    files = expand_inputs(inputs)
+    good, errors = [], {}
+    for f in files:
+        try:
+            read_rgb(f)
+            good.append(f)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is reported on the file's row
+            errors[str(f)] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    parts = []
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("scoring", total=len(good))
+        for s in range(0, len(good), batch):
+            parts.append(bundle.predict([str(f) for f in good[s:s + batch]], tta=tta, metadata=metadata))
+            bar.advance(task, len(good[s:s + batch]))
+    scored = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["image"])
+    failed = pd.DataFrame({"image": list(errors), "error": list(errors.values())})
+    df = pd.concat([scored.assign(error=None), failed], ignore_index=True)
+    df["decision"] = df["decision"].astype("Int8")  # stays an integer column beside error rows (<NA>)
+    if "metadata_missing" in df:
+        df["metadata_missing"] = df["metadata_missing"].astype("boolean")
+    order = {str(f): k for k, f in enumerate(files)}
+    return df.sort_values("image", key=lambda c: c.map(order)).reset_index(drop=True)

@@ -43,7 +43,7 @@ from skinsweep.errors import ConfigError, DataError, short_list
 __all__ = ["METADATA_FEATURES", "MetadataEncoder", "SplitMetadata", "dataset_metadata", "join_metadata",
            "metadata_table", "prepare_metadata", "read_metadata_csv"]
 
-METADATA_FORMAT = "skinsweep.metadata/1"
+METADATA_FORMAT = "skinsweep.ensemble.metadata/1"
 METADATA_FEATURES = ("age", "sex", "site")
 SEXES = ("female", "male", "unknown")
 UNKNOWN = "unknown"

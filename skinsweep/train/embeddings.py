@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from skinsweep.data.cache import ImageCache
-from skinsweep.fsutil import atomic_path, atomic_write_text
-from skinsweep.paths import cache_dir
+from skinsweep.files import atomic_path, atomic_write_text
+from skinsweep.files import cache_dir
 
 
 def embedding_key(*, backbone_spec: dict, data_config: dict, image_cache_key: str, split_hash: str,

@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from skinsweep.errors import ConfigError, short_list
-from skinsweep.trial import TrialConfig
+from skinsweep.train.loop import TrialConfig
 
 if TYPE_CHECKING:
     import optuna
@@ -655,7 +655,7 @@ def _validate(values: dict[str, Any], sources: dict[str, str], where: str | None
         rest = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"][1:])
         path = where or (sources.get(field, f"trial.{field}") + rest)
         raise RecipeError(path, _msg(err) + (f" ({field})" if where else "")) from None
-    from skinsweep.backbones import list_backbones
+    from skinsweep.train.backbones import list_backbones
 
     names = list_backbones()
     if cfg.backbone not in names and cfg.backbone.partition(":")[0] not in ("timm", "open_clip"):  # any hub model

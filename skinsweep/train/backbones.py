@@ -156,7 +156,7 @@ def create_backbone(name: str, *, weights: str | None = None, **overrides: Any) 
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise BackboneError(
             f"unknown backbone {name!r}; {hint}valid names are {short_list(list_backbones(), 20)} "
-            f"(skinsweep.backbones.list_backbones()), {_PREFIX_HINT}"
+            f"(skinsweep.train.backbones.list_backbones()), {_PREFIX_HINT}"
         )
     weights = _normalise_weights(name, weights, pretrained)
     backbone = builder(name, weights=weights, **overrides)

@@ -62,7 +62,7 @@ def write_recipe(path: Path, *, name: str, storage: Path, data: Path, n: int) ->
 
 def needs_loopback():
     """Ray must not bind to the machine's primary address: run only where that is arranged."""
-    from skinsweep.sweep import _loopback_only
+    from skinsweep.sweep.runner import _loopback_only
 
     if not _loopback_only() and not os.environ.get("SKINSWEEP_ALLOW_NETWORK_RAY"):
         pytest.skip("run via `make test` (loopback-only network namespace) or set SKINSWEEP_ALLOW_NETWORK_RAY=1")
@@ -71,7 +71,7 @@ def needs_loopback():
 def test_sweep_end_to_end(data, tmp_path):
     needs_loopback()
     from skinsweep.results import load
-    from skinsweep.sweep import run_sweep
+    from skinsweep.sweep.runner import run_sweep
 
     recipe = write_recipe(tmp_path / "r.yaml", name="t", storage=tmp_path / "res", data=data, n=8)
     outcome = run_sweep(recipe)
@@ -107,7 +107,7 @@ def test_sweep_end_to_end(data, tmp_path):
 def test_failed_first_attempt_is_retried(data, tmp_path, monkeypatch):
     needs_loopback()
     from skinsweep.results import load
-    from skinsweep.sweep import run_sweep
+    from skinsweep.sweep.runner import run_sweep
 
     monkeypatch.setenv("SKINSWEEP_FAIL_ONCE", str(tmp_path / "faults"))
     recipe = write_recipe(tmp_path / "r.yaml", name="retry", storage=tmp_path / "res", data=data, n=2)
@@ -121,7 +121,7 @@ def test_failed_first_attempt_is_retried(data, tmp_path, monkeypatch):
 def test_trial_that_keeps_failing_is_recorded_as_failed(data, tmp_path, monkeypatch):
     needs_loopback()
     from skinsweep.results import load
-    from skinsweep.sweep import run_sweep
+    from skinsweep.sweep.runner import run_sweep
 
     monkeypatch.setenv("SKINSWEEP_FAIL_ONCE", str(tmp_path / "faults"))
     recipe = write_recipe(tmp_path / "r.yaml", name="fail", storage=tmp_path / "res", data=data, n=2)
@@ -218,7 +218,7 @@ def test_explicit_trials_recipe(data, tmp_path):
     """A `trials:` recipe (like sweeps/paper.yaml) runs exactly the listed configurations."""
     needs_loopback()
     from skinsweep.results import load
-    from skinsweep.sweep import run_sweep
+    from skinsweep.sweep.runner import run_sweep
 
     recipe = tmp_path / "paper-like.yaml"
     recipe.write_text(f"""
@@ -253,10 +253,10 @@ def test_tune_events_drive_store_and_progress(data, tmp_path):
 
     from rich.console import Console
 
-    from skinsweep.progress import SweepProgress
-    from skinsweep.recipe import load_recipe
+    from skinsweep.sweep.progress import SweepProgress
+    from skinsweep.sweep.recipe import load_recipe
     from skinsweep.results import ResultsStore
-    from skinsweep.sweep import _Driver, _Events
+    from skinsweep.sweep.runner import _Driver, _Events
 
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(f"""
@@ -310,7 +310,7 @@ def test_sweep_on_s3_storage_and_resume_elsewhere(data, tmp_path, s3):
     import pyarrow.parquet as pq
 
     from skinsweep.results import load, query
-    from skinsweep.sweep import run_sweep
+    from skinsweep.sweep.runner import run_sweep
 
     recipe = write_recipe(tmp_path / "r.yaml", name="s3sweep", storage="s3://sweeps/team/runs", data=data, n=3)
     sets = ["scheduler.type=none", "trial.epochs=1"]

@@ -27,7 +27,7 @@ __all__ = ["gradcam", "overlay", "target_layer"]
 
 
 def target_layer(model, input_size: int = 224) -> tuple[object, Callable | None, str]:
-    """``(layer, reshape_transform, method description)`` for a :class:`skinsweep.model.Classifier`."""
+    """``(layer, reshape_transform, method description)`` for a :class:`skinsweep.train.model.Classifier`."""
     bb = model.backbone
     if hasattr(bb, "blocks") and hasattr(bb, "patch_embed"):  # timm VisionTransformer (DINO, tiny_vit …)
         n_prefix = int(getattr(bb, "num_prefix_tokens", 1))
@@ -64,7 +64,7 @@ def _tokens_to_grid(n_prefix: int, grid: tuple[int, int], *, batch_first: bool) 
 def gradcam(model, meta: dict, images: Sequence[str | Path], *, batch_size: int = 16) -> list[np.ndarray]:
     """One map per image: float32 ``(H, W)`` in [0, 1] at the original image's size.
 
-    ``model, meta`` as :func:`skinsweep.trial.load_trial_model` returns them. The target is the
+    ``model, meta`` as :func:`skinsweep.train.loop.load_trial_model` returns them. The target is the
     melanoma logit (positive class), whatever the model predicted.
     """
     import torch

@@ -1,4 +1,4 @@
-"""Tests for skinsweep.calibration: calibrators on miscalibrated logits, JSON round trips,
+"""Tests for skinsweep.ensemble.calibrators: calibrators on miscalibrated logits, JSON round trips,
 cross-fitting, threshold choice, and errors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import brier_score_loss, roc_curve
 
-from skinsweep.calibration import (
+from skinsweep.ensemble.calibrators import (
     FewPositivesWarning,
     IsotonicCalibration,
     NoCalibration,

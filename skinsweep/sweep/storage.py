@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skinsweep.errors import ConfigError
-from skinsweep.fsutil import atomic_path, atomic_write_text
+from skinsweep.files import atomic_path, atomic_write_text
 
 # The Parquet store's files that the mirror holds (Ray Tune's own state and checkpoints are already there).
 STORE_FILES = ("split.parquet", "sweep.json")

@@ -6,7 +6,7 @@ Everything is fitted on **validation** predictions only; **test** is scored once
                top-k), or greedy ensemble selection (Caruana et al. 2004) on validation;
 2. align     — every member must have scored the same images with the same split hash;
 3. combine   — mean of probabilities / logits, weighted mean, or logistic stacking on member logits
-               (optionally with patient age / sex / site, :mod:`skinsweep.metadata`),
+               (optionally with patient age / sex / site, :mod:`skinsweep.ensemble.metadata`),
                cross-fitted on validation (out-of-fold, grouped by lesion) so validation scores are
                honest; the final combiner is fitted on all validation rows;
 4. calibrate — none / temperature / Platt / isotonic, cross-fitted the same way;
@@ -27,139 +27,12 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from skinsweep.ensemble.recipe import EnsembleRecipe, MembersSpec, load_ensemble_recipe  # noqa: F401
 from skinsweep.errors import ConfigError, short_list
-from skinsweep.fsutil import atomic_path, atomic_write_text, json_safe
+from skinsweep.files import atomic_path, atomic_write_text, json_safe
 
 REPORT_JSON = "report.json"
 PREDICTIONS = "predictions.parquet"
-
-
-# --------------------------------------------------------------------------------------------------
-# Recipe
-# --------------------------------------------------------------------------------------------------
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MembersSpec(_Strict):
-    rule: Literal["explicit", "best_per_backbone", "top_k", "greedy"] = "best_per_backbone"
-    trials: list[str] = Field([], description="explicit: trial ids")
-    backbones: Optional[list[str]] = Field(None, description="best_per_backbone / top_k: restrict to these")
-    modes: Optional[list[Literal["finetune", "linear_probe"]]] = None
-    by: str = Field("val_auc", description="trials.parquet column that ranks candidates (validation only)")
-    k: int = Field(3, ge=1, description="top_k: members per backbone")
-    top_n: int = Field(20, ge=1, description="greedy: candidates (best by `by`)")
-    n_iter: int = Field(25, ge=1, description="greedy: selection rounds (with replacement)")
-    metric: Literal["auc", "ap"] = "auc"
-
-    @model_validator(mode="after")
-    def _rule_fields(self) -> "MembersSpec":
-        if self.rule == "explicit" and not self.trials:
-            raise ValueError("rule explicit needs `trials: [id, …]`")
-        if self.rule != "explicit" and self.trials:
-            raise ValueError(f"`trials` is only for rule explicit (rule is {self.rule})")
-        if not self.by.startswith("val_"):
-            raise ValueError(f"by {self.by!r}: members are chosen on validation metrics only (val_auc, val_ap, …)")
-        return self
-
-
-class CombinerSpec(_Strict):
-    type: Literal["mean_prob", "mean_logit", "weighted", "stacking"] = "stacking"
-    C: float = Field(1.0, gt=0, description="stacking: inverse L2 strength")
-    n_splits: int = Field(5, ge=2, description="cross-fitting folds on validation (grouped by lesion)")
-    metadata: list[Literal["age", "sex", "site"]] = Field(
-        [], description="stacking: patient metadata from the sweep's dataset index, stacked with the member logits")
-
-    @model_validator(mode="after")
-    def _metadata_needs_stacking(self) -> "CombinerSpec":
-        if self.metadata and self.type != "stacking":
-            raise ValueError(f"combiner.metadata is only used by combiner.type stacking (type is {self.type}); "
-                             "set combiner.type: stacking or drop combiner.metadata")
-        if len(set(self.metadata)) != len(self.metadata):
-            raise ValueError(f"combiner.metadata lists a feature twice ({self.metadata}); list each of age, sex, site once")
-        return self
-
-
-class CalibrationSpec(_Strict):
-    method: Literal["none", "temperature", "platt", "isotonic"] = "temperature"
-
-
-class ThresholdSpec(_Strict):
-    target_sensitivity: Optional[float] = Field(None, gt=0, le=1)
-    target_specificity: Optional[float] = Field(None, gt=0, le=1)
-    youden: bool = False
-
-    @model_validator(mode="after")
-    def _one(self) -> "ThresholdSpec":
-        n = sum([self.target_sensitivity is not None, self.target_specificity is not None, self.youden])
-        if n > 1:
-            raise ValueError("choose one of target_sensitivity, target_specificity, youden")
-        return self
-
-    def kwargs(self) -> dict:
-        if self.target_specificity is not None:
-            return {"target_specificity": self.target_specificity}
-        if self.youden:
-            return {"youden": True}
-        return {"target_sensitivity": self.target_sensitivity or 0.95}
-
-
-class ReportSpec(_Strict):
-    n_boot: int = Field(2000, ge=100)
-    seed: int = 0
-    spec_for_sens: float = Field(0.9, gt=0, lt=1, description="report sensitivity at this specificity")
-
-
-class EnsembleRecipe(_Strict):
-    name: str
-    members: MembersSpec = MembersSpec()
-    combiner: CombinerSpec = CombinerSpec()
-    calibration: CalibrationSpec = CalibrationSpec()
-    threshold: ThresholdSpec = ThresholdSpec()
-    report: ReportSpec = ReportSpec()
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _greedy_has_no_metadata(self) -> "EnsembleRecipe":
-        if self.combiner.metadata and self.members.rule == "greedy":
-            raise ValueError("combiner.metadata cannot be used with members.rule greedy (it averages probabilities); "
-                             "use another members.rule with combiner.type stacking, or drop combiner.metadata")
-        return self
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
-
-
-def load_ensemble_recipe(path: str | Path, overrides: list[str] = ()) -> EnsembleRecipe:
-    """YAML → EnsembleRecipe; ``overrides`` are ``key.path=value`` (``--set``). Errors: one line."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"ensemble recipe not found: {path}; see ensembles/*.yaml") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of recipe fields at the top level")
-    for item in overrides:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--set {item!r} is not KEY=VALUE; e.g. --set calibration.method=isotonic")
-        node = raw
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
-    try:
-        return EnsembleRecipe(**raw)
-    except ValidationError as e:
-        msgs = "; ".join(f"[{'.'.join(str(p) for p in err['loc']) or 'recipe'}] {err['msg'].removeprefix('Value error, ')}"
-                         for err in e.errors())
-        raise ConfigError(f"{path}: {msgs}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,11 +117,11 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     under ``out`` (default ``ensembles/<name>/``). Returns the report dict. ``data`` is the dataset
     folder to read ``combiner.metadata`` from (default: the one the members were trained on).
     """
-    from skinsweep.calibration import choose_threshold, make_calibrator
-    from skinsweep.combine import combiner_from_dict, make_combiner
+    from skinsweep.ensemble.calibrators import choose_threshold, make_calibrator
+    from skinsweep.ensemble.combiners import combiner_from_dict, make_combiner
     from skinsweep.metrics import binary_metrics
     from skinsweep.results import load
-    from skinsweep.stats import bootstrap_metrics, delong_test
+    from skinsweep.ensemble.stats import bootstrap_metrics, delong_test
 
     recipe = load_ensemble_recipe(recipe_path, list(overrides))
     res = load(results_dir)
@@ -264,7 +137,7 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     weights = None
     meta = None
     if recipe.combiner.metadata:  # age/sex/site joined from the dataset index; encoder fitted on val only
-        from skinsweep.metadata import prepare_metadata
+        from skinsweep.ensemble.metadata import prepare_metadata
 
         meta = prepare_metadata(recipe.combiner.metadata, res, candidates,
                                 {"val": val_rows["image_id"], "test": test_rows["image_id"]}, data)
@@ -338,12 +211,12 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
         table.append(df)
     with atomic_path(out / PREDICTIONS) as tmp:
         pd.concat(table, ignore_index=True).to_parquet(tmp, index=False)
-    from skinsweep.plots import ensemble_plots
+    from skinsweep.report.plots import ensemble_plots
 
     report["plots"] = ensemble_plots(out, yv, yt, {label[m]: _sigmoid(Xt[:, j]) for j, m in enumerate(members)},
                                      ens_val_uncal=_sigmoid(ens_val), cal_val=cal_val, cal_test=cal_test, threshold=thr)
     if bundle:
-        from skinsweep.bundle import export_bundle
+        from skinsweep.ensemble.bundle import export_bundle
 
         report["bundle"] = str(export_bundle(out / "bundle", res, members, combiner, calibrator, thr, recipe, report,
                                              metadata=meta.encoder if meta else None))

@@ -8,17 +8,17 @@ Flow of one sweep (``run_sweep``):
 
 1. the driver validates the recipe, indexes the data and creates the split manifest once (every trial
    uses the same one, on every node);
-2. Tune runs ``_trainable`` for each sampled configuration: it calls :func:`skinsweep.trial.run_trial`
+2. Tune runs ``_trainable`` for each sampled configuration: it calls :func:`skinsweep.train.loop.run_trial`
    (the same code as ``skinsweep train``), reports validation metrics once per epoch (ASHA acts on
    them), and hands its artefact folder back as a Ray checkpoint — Ray copies it to ``storage`` (a
    local path, NFS or an object store such as ``s3://``), so nothing the driver needs lives only on a
    worker's disk;
 3. as each trial starts, reports and ends, :class:`_Events` (a Tune callback) tells the driver's
-   :class:`_Driver`, which draws the progress view (:mod:`skinsweep.progress`) and, when a trial ends,
+   :class:`_Driver`, which draws the progress view (:mod:`skinsweep.sweep.progress`) and, when a trial ends,
    fetches its checkpoint and adds it to the Parquet results store (``trials.parquet``, ``predictions/``),
    so results are queryable while the sweep runs; pruned and failed trials get rows too. With an object
    store, the store is a local working copy (``results_dir``) mirrored to ``<storage>/<name>/`` after
-   every trial (:mod:`skinsweep.storage`);
+   every trial (:mod:`skinsweep.sweep.storage`);
 4. at the end, a reconciliation pass makes sure every finished trial is in the store (a driver killed
    between a trial's end and its consolidation loses nothing on ``--resume``).
 """
@@ -39,7 +39,7 @@ from typing import Any
 from ray import tune  # the only module that imports Ray
 
 from skinsweep.errors import ConfigError
-from skinsweep.storage import CHECKPOINTS_DIR, Remote
+from skinsweep.sweep.storage import CHECKPOINTS_DIR, Remote
 
 FINAL_KEY = "skinsweep_final"  # set only in a trial's last report (with its checkpoint)
 EPOCH_KEY = "epoch"            # ASHA's time attribute; absent from the final report so ASHA ignores it
@@ -70,13 +70,13 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
     import ray
     from ray import tune
 
-    from skinsweep.recipe import SweepRecipe
-    from skinsweep.trial import run_trial
+    from skinsweep.sweep.recipe import SweepRecipe
+    from skinsweep.train.loop import run_trial
 
     recipe = SweepRecipe.model_validate_json(recipe_json)
     if split_remote is not None:
-        from skinsweep.paths import cache_dir
-        from skinsweep.storage import fetch
+        from skinsweep.files import cache_dir
+        from skinsweep.sweep.storage import fetch
 
         local_split = cache_dir() / "splits" / split_file
         if not local_split.is_file():
@@ -181,7 +181,7 @@ class _Driver:
         store: the (local) results store.
         recipe: the sweep recipe.
         split_file: the split manifest on the driver (recorded in pruned / failed trials' configs).
-        progress: the progress view (:class:`skinsweep.progress.SweepProgress`).
+        progress: the progress view (:class:`skinsweep.sweep.progress.SweepProgress`).
         remote: object-store storage to mirror the store to after each trial, or None.
     """
 
@@ -246,7 +246,7 @@ class _Driver:
             return
         import pyarrow as pa
 
-        from skinsweep.storage import mirror
+        from skinsweep.sweep.storage import mirror
 
         try:
             mirror(self.store.root, self.remote)
@@ -338,10 +338,10 @@ def run_sweep(
 
     from skinsweep.data.index import load_index
     from skinsweep.data.split import SplitManifest, make_split
-    from skinsweep.progress import SweepProgress
-    from skinsweep.recipe import load_recipe
+    from skinsweep.sweep.progress import SweepProgress
+    from skinsweep.sweep.recipe import load_recipe
     from skinsweep.results import ResultsStore
-    from skinsweep.storage import check_writable, pull, remote_sweep
+    from skinsweep.sweep.storage import check_writable, pull, remote_sweep
 
     console = console or Console()
     t0 = time.perf_counter()

@@ -31,85 +31,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 import skinsweep
 from skinsweep.errors import ConfigError, DataError
+from skinsweep.train.config import TrialConfig, parse_config  # noqa: F401  (parse_config: re-exported)
 
 PREDICTIONS = "predictions.parquet"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.safetensors"
 MODEL_JSON = "model.json"
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------
-
-class TrialConfig(BaseModel):
-    """Everything that defines one trial. Unknown keys are errors; None keeps a default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # data
-    data: str = Field(description="Dataset folder (ISIC / HAM10000 layout) or CSV file.")
-    split: Optional[str] = Field(None, description="Split manifest; default: lesion-grouped 70/15/15, seed split_seed.")
-    split_seed: int = 0
-    positive: list[str] = ["MEL"]
-    skip_bad: bool = False
-    image_size: Optional[int] = Field(None, ge=8, description="Cached image side; default the backbone's input size.")
-    resize_policy: Literal["squash", "center-crop"] = "squash"
-    # model
-    backbone: str = "resnet18"
-    weights: Optional[str] = Field(None, description="hub, none, or a local .safetensors/.pt file; default per backbone.")
-    backbone_args: dict[str, Any] = Field({}, description="Overrides passed to the backbone builder, e.g. {input_size: 96}.")
-    mode: Literal["finetune", "linear_probe"] = "finetune"
-    head: Literal["auto", "linear", "mlp"] = "auto"
-    head_hidden: int = Field(512, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    # optimisation
-    loss: Literal["bce", "focal"] = "bce"
-    pos_weight: float = Field(8.0, gt=0, description="Positive-class weight (the study: 8 = benign/melanoma ratio).")
-    focal_gamma: float = Field(2.0, ge=0)
-    optimizer: Literal["adam", "adamw"] = "adam"
-    lr: float = Field(1e-4, gt=0)
-    backbone_lr_mult: float = Field(1.0, gt=0, description="Backbone lr = lr × this (finetune only).")
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(32, ge=1)
-    epochs: int = Field(20, ge=1)
-    warmup_epochs: int = Field(0, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    augment: Literal["auto", "none", "resnet_study"] = "auto"
-    select_metric: str = "auc"
-    embedding_cache: bool = Field(True, description="linear_probe: embed each image once and reuse (else run the frozen backbone every epoch).")
-    # runtime
-    seed: int = 0
-    device: str = "auto"
-    eval_batch_size: int = Field(256, ge=1)
-
-    @field_validator("select_metric")
-    @classmethod
-    def _known_metric(cls, v: str) -> str:
-        from skinsweep.metrics import HIGHER_IS_BETTER
-
-        if v not in HIGHER_IS_BETTER:
-            raise ValueError(f"unknown metric {v!r}; use one of {', '.join(HIGHER_IS_BETTER)}")
-        return v
-
-    @property
-    def hash(self) -> str:
-        """Hash of every setting except where it runs (device)."""
-        d = self.model_dump(exclude={"device", "eval_batch_size"})
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def parse_config(values: dict[str, Any], source: str = "options") -> TrialConfig:
-    """Validate ``values`` into a TrialConfig; errors become one ``[field] message`` line."""
-    try:
-        return TrialConfig(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as e:
-        msgs = "; ".join(f"[{'.'.join(str(p) for p in err['loc']) or 'config'}] {err['msg']}" for err in e.errors())
-        raise ConfigError(f"invalid trial {source}: {msgs}") from None
 
 
 @dataclass
@@ -197,14 +127,14 @@ def run_trial(
         overwrite: replace the artefacts of a different trial in ``out_dir``.
         extra_columns: constant columns added to every prediction row (e.g. the sweep's recipe hash).
     """
-    from skinsweep.backbones import create_backbone
+    from skinsweep.train.backbones import create_backbone
     from skinsweep.data.cache import build_cache
     from skinsweep.data.index import load_index
     from skinsweep.data.split import get_or_create_split
     from skinsweep.data.transforms import eval_transform, train_transform
-    from skinsweep.embeddings import cached_embeddings, embedding_key
+    from skinsweep.train.embeddings import cached_embeddings, embedding_key
     from skinsweep.metrics import HIGHER_IS_BETTER, binary_metrics
-    from skinsweep.model import Classifier, count_parameters, make_head, param_groups
+    from skinsweep.train.model import Classifier, count_parameters, make_head, param_groups
 
     t0 = time.perf_counter()
     cfg = config
@@ -379,7 +309,7 @@ def run_trial(
     # ---- 7. artefacts -------------------------------------------------------------------------
     from safetensors.torch import save_model
 
-    from skinsweep.fsutil import atomic_path, atomic_write_text, json_safe
+    from skinsweep.files import atomic_path, atomic_write_text, json_safe
 
     if result_rows:
         with atomic_path(out / PREDICTIONS) as tmp:
@@ -453,8 +383,8 @@ def load_trial_model(out_dir: str | Path, device: str = "cpu"):
     """
     from safetensors.torch import load_model
 
-    from skinsweep.backbones import backbone_from_spec
-    from skinsweep.model import Classifier, make_head
+    from skinsweep.train.backbones import backbone_from_spec
+    from skinsweep.train.model import Classifier, make_head
 
     out = Path(out_dir)
     if not (out / MODEL_JSON).is_file() or not (out / CHECKPOINT).is_file():

@@ -1,4 +1,4 @@
-"""Tests for skinsweep.combine: combiner outputs, cross-fitting against leakage, greedy selection,
+"""Tests for skinsweep.ensemble.combiners: combiner outputs, cross-fitting against leakage, greedy selection,
 the vectorised column metrics, JSON round trips and errors."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from skinsweep.combine import (
+from skinsweep.ensemble.combiners import (
     Combiner,
     GreedyEnsemble,
     MeanLogit,

@@ -2,7 +2,7 @@
 
 Input is a member-logit matrix ``X`` of shape (N, M) -- one row per image, one column per member,
 always in the same member order -- and the output is an ensemble **logit** of shape (N,), which
-:mod:`skinsweep.calibration` then turns into a probability::
+:mod:`skinsweep.ensemble.calibrators` then turns into a probability::
 
     comb = make_combiner("stacking", C=1.0)
     oof = comb.fit_crossfit(X_val, y_val, lesion_val)        # honest val logits; comb ends fitted on all
@@ -25,7 +25,7 @@ with a different member set fails loudly. Only ``stacking`` accepts ``extra``.
 
 Honest validation scores. A combiner fitted on validation rows scores them too well. ``fit_crossfit``
 returns out-of-fold logits: each row is scored by a copy fitted on the other folds, which are
-grouped by lesion (:func:`skinsweep.calibration.crossfit_folds`), so neither the row's own label
+grouped by lesion (:func:`skinsweep.ensemble.calibrators.crossfit_folds`), so neither the row's own label
 nor its lesion's is used to score it. This protects against the *combiner's* overfitting only: a
 member that itself saw validation labels (e.g. was early-stopped on them) leaks in a way no
 cross-fitting of the combiner can detect.
@@ -44,7 +44,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
-from skinsweep.calibration import (
+from skinsweep.ensemble.calibrators import (
     _construct,
     _from_dict,
     _jsonable,
@@ -331,7 +331,7 @@ class Combiner(BaseEstimator):
             X: shape (N, M), member logits on validation.
             y: shape (N,), labels in {0, 1}.
             groups: shape (N,), lesion id per image, or None (each image its own lesion).
-            n_splits, seed: see :func:`skinsweep.calibration.crossfit_folds`.
+            n_splits, seed: see :func:`skinsweep.ensemble.calibrators.crossfit_folds`.
             extra: shape (N, F), extra features (``stacking`` only).
 
         Returns:

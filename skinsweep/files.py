@@ -1,0 +1,75 @@
+"""Where derived files go, and how they are written.
+
+Datasets often sit on read-only shared storage, so nothing is ever written into the dataset folder.
+Derived files (split manifests, image and embedding caches) go under the skinsweep cache directory:
+
+* ``$SKINSWEEP_CACHE`` if set, else
+* ``$XDG_CACHE_HOME/skinsweep`` if ``XDG_CACHE_HOME`` is set, else
+* ``~/.cache/skinsweep``.
+
+On a Ray cluster each node resolves this for itself, so each node builds its own image cache once.
+Every write is atomic: a crash never leaves a half-written file that a reader trips on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def cache_dir() -> Path:
+    """Root of skinsweep's cache (see module docstring for how it is chosen)."""
+    env = os.environ.get("SKINSWEEP_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "skinsweep"
+
+
+def dataset_key(root: str | Path) -> str:
+    """A readable, collision-safe folder name for a dataset root: ``<name>-<8 hex of abs path>``."""
+    root = Path(root).expanduser().resolve()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", root.name) or "dataset"
+    return f"{name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write to; rename it over ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def json_safe(o: Any) -> Any:
+    """Make ``o`` strict-JSON-able: NaN/inf → None (JSON has neither), numpy scalars and arrays → Python."""
+    import numpy as np
+
+    if isinstance(o, dict):
+        return {str(k): json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return json_safe(o.tolist())
+    if isinstance(o, (np.floating, float)):
+        return float(o) if np.isfinite(o) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    return o
