@@ -32,27 +32,24 @@ default" and is dropped. Keys naming a ``DataConfig`` field (``input_size``, ``m
 ``input_size`` also sets the model's image size (the only way to do so). All other keys go to the
 model constructor: ``timm.create_model`` kwargs, or ``CLIPVisionCfg`` fields for open_clip models.
 
-Models are returned in ``eval()`` mode on the CPU; the trainer switches to ``train()``.
+Models are returned in ``eval()`` mode on the CPU; the trainer switches to ``train()``. Hub
+downloads and weight files are handled in :mod:`skinsweep.train.weights`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
-import os
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from skinsweep.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from skinsweep.errors import BackboneError, short_list
+from skinsweep.errors import BackboneError, did_you_mean, short_list
+from skinsweep.train.weights import hub_download, load_weights_file, resolve_weights, save_backbone_weights
 
 __all__ = [
     "Backbone",
@@ -152,13 +149,12 @@ def create_backbone(name: str, *, weights: str | None = None, **overrides: Any) 
     elif name in _REGISTRY:
         builder, pretrained = _REGISTRY[name].builder, _REGISTRY[name].pretrained
     else:
-        close = difflib.get_close_matches(name.lower(), list_backbones(), n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise BackboneError(
-            f"unknown backbone {name!r}; {hint}valid names are {short_list(list_backbones(), 20)} "
+            f"unknown backbone {name!r}{did_you_mean(name, list_backbones(), n=3, cutoff=0.5, lower=True)}; "
+            f"valid names are {short_list(list_backbones(), 20)} "
             f"(skinsweep.train.backbones.list_backbones()), {_PREFIX_HINT}"
         )
-    weights = _normalise_weights(name, weights, pretrained)
+    weights = resolve_weights(name, weights, pretrained)
     backbone = builder(name, weights=weights, **overrides)
     return dataclasses.replace(backbone, name=name, weights=weights, overrides=overrides)
 
@@ -174,48 +170,7 @@ def backbone_from_spec(spec: Mapping[str, Any], *, weights: str | None = None) -
     return dataclasses.replace(backbone, data_config=DataConfig.from_dict(spec["data_config"]))
 
 
-def save_backbone_weights(backbone: Backbone, path: str | Path) -> Path:
-    """Write ``backbone.model``'s state dict to a ``.safetensors`` file (spec in the metadata)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise BackboneError(f"save_backbone_weights writes safetensors; name the file *.safetensors, "
-                            f"got {path}")
-    from safetensors.torch import save_file
-
-    # clone: safetensors refuses tensors sharing storage (tied or viewed weights)
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in backbone.model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"skinsweep_backbone": json.dumps(backbone.spec())})
-    return path
-
-
-def _normalise_weights(name: str, weights: str | None, pretrained: bool) -> str:
-    if weights is None:
-        return "hub" if pretrained else "none"
-    if weights == "none":
-        return weights
-    if weights == "hub":
-        if not pretrained:
-            raise BackboneError(
-                f"backbone {name!r} is a random-init test model without hub weights; "
-                "use weights='none' or weights=PATH to a local file"
-            )
-        return weights
-    if weights.startswith("hub:"):
-        raise BackboneError(
-            f"weights={weights!r} is not supported; put the open_clip pretrained tag in the name, "
-            f"e.g. 'open_clip:ViT-B-32@openai', and use weights='hub'"
-        )
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise BackboneError(
-            f"weights={weights!r} for backbone {name!r} is neither 'hub', 'none' nor an existing file; "
-            "pass a .safetensors or .pt state dict path"
-        )
-    return str(path.resolve())
-
-
-# ----------------------------------------------------------------------------- weights
+# ----------------------------------------------------------------------------- overrides
 
 
 def _split_overrides(overrides: dict[str, Any], size_kwarg: str) -> tuple[dict, dict]:
@@ -225,95 +180,6 @@ def _split_overrides(overrides: dict[str, Any], size_kwarg: str) -> tuple[dict, 
                             "(it sets both the model and its data config)")
     data = {k: v for k, v in overrides.items() if k in _DATA_KEYS}
     return data, {k: v for k, v in overrides.items() if k not in _DATA_KEYS}
-
-
-@contextlib.contextmanager
-def _hub_download(name: str, source: str) -> Iterator[None]:
-    """Turn a failed hub download into one BackboneError line; honour HF_HUB_OFFLINE set at runtime.
-
-    huggingface_hub reads HF_HUB_OFFLINE once, at import; a notebook or test that sets it later
-    would otherwise still wait ~45 s on network retries.
-    """
-    import huggingface_hub.constants as hf_constants
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    saved = hf_constants.HF_HUB_OFFLINE
-    hf_constants.HF_HUB_OFFLINE = saved or offline
-    try:
-        yield
-    except OSError as e:  # huggingface_hub's LocalEntryNotFoundError / OfflineModeIsEnabled, sockets
-        why = "HF_HUB_OFFLINE is set" if hf_constants.HF_HUB_OFFLINE else type(e).__name__
-        raise BackboneError(
-            f"pretrained weights for backbone {name!r} ({source}) could not be downloaded or found in "
-            f"the Hugging Face cache ({why}); pass weights=PATH to a local .safetensors/.pt file, or "
-            "pre-populate the HF cache (HF_HOME), e.g. by creating it once online with HF_HUB_OFFLINE unset"
-        ) from e
-    finally:
-        hf_constants.HF_HUB_OFFLINE = saved
-
-
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file or a torch state dict (``weights_only=True``)."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(path, device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors / pickle / zip errors have no common base class
-        kind = "safetensors" if path.endswith(".safetensors") else "torch state dict (weights_only=True)"
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise BackboneError(f"weights file {path} could not be read as a {kind}: {reason}") from e
-    # training checkpoints often nest the weights: {"state_dict": {...}, "epoch": ...}
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BackboneError(f"weights file {path} does not hold a state dict (a mapping of names to "
-                            "tensors); save one with save_backbone_weights() or "
-                            "torch.save(model.state_dict())")
-    return dict(obj)
-
-
-def _load_weights_file(model: nn.Module, path: str, *, name: str, drop: tuple[str, ...] = ()) -> None:
-    """Load ``path`` into ``model`` strictly, after finding the key prefix (see module docstring).
-
-    ``drop``: key prefixes (e.g. timm's classifier ``"fc."``) whose tensors may be in the file but
-    not in the feature extractor.
-    """
-    state = _read_state_dict(path)
-    expected = model.state_dict()
-    # Count, for each candidate prefix, how many file keys become model keys once it is removed.
-    votes: Counter[str] = Counter()
-    for key in state:
-        parts = key.split(".")
-        for i in range(len(parts)):
-            if ".".join(parts[i:]) in expected:
-                votes[".".join(parts[:i]) + ("." if i else "")] += 1
-    if not votes:
-        raise BackboneError(
-            f"weights file {path} does not fit backbone {name!r}: none of its {len(state)} keys "
-            f"({short_list(state, 3)}) match the model's ({short_list(expected, 3)}); "
-            "is it a checkpoint of this architecture?"
-        )
-    prefix = max(votes, key=lambda p: (votes[p], -len(p)))
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    unexpected = [k for k in state if k not in expected and not k.startswith(drop)]
-    # BatchNorm's counter is absent from many checkpoints and never affects outputs
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise BackboneError(
-            f"weights file {path} does not fit backbone {name!r} (key prefix {prefix!r}): "
-            f"{len(missing)} missing key(s) [{short_list(missing, 3)}], "
-            f"{len(unexpected)} unexpected [{short_list(unexpected, 3)}], "
-            f"{len(wrong)} shape mismatch(es) file vs model [{short_list(wrong, 2)}]; "
-            "use a checkpoint of the same architecture and input_size (e.g. from save_backbone_weights())"
-        )
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
 # ----------------------------------------------------------------------------- timm family
@@ -339,7 +205,7 @@ def _timm_backbone(
     data_over, model_kw = _split_overrides(overrides, "img_size")
     if family == "vit" and "input_size" in data_over:
         model_kw["img_size"] = data_over["input_size"]
-    hub = contextlib.nullcontext() if weights != "hub" else _hub_download(name, source)
+    hub = contextlib.nullcontext() if weights != "hub" else hub_download(name, source)
     try:
         with hub:
             model = make(**model_kw)
@@ -354,7 +220,7 @@ def _timm_backbone(
         # it is "fc", "head", "head.fc" or "classifier" depending on the architecture.
         head = model.get_classifier() if hasattr(model, "get_classifier") else None
         drop = tuple(f"{n}." for n, m in model.named_modules() if n and m is head)
-        _load_weights_file(model, weights, name=name, drop=drop)
+        load_weights_file(model, weights, name=name, drop=drop)
 
     if data_config is None:
         from timm.data import resolve_data_config
@@ -383,9 +249,8 @@ def _timm_pretrained(name: str, arch: str, weights: str, overrides: dict[str, An
     import timm
 
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise BackboneError(f"timm has no model {arch!r} (backbone {name!r}); {hint}see timm.list_models()")
+        raise BackboneError(f"backbone {name!r}: timm has no model {arch!r}"
+                            f"{did_you_mean(arch, timm.list_models(), n=3)}; see timm.list_models()")
     cfg = timm.models.get_pretrained_cfg(arch)
     if weights == "hub" and cfg is None:
         raise BackboneError(f"timm has no pretrained weights for {arch!r}; use weights='none' or a file")
@@ -497,13 +362,13 @@ def _clip_backbone(name: str, source: str, model_cfg: dict[str, Any], tag_cfg: M
     path = weights
     if weights == "hub":  # fetch first: fail fast, before allocating the model
         assert download is not None, "pretrained open_clip backbones pass a download function"
-        with _hub_download(name, source):
+        with hub_download(name, source):
             path = download()
     # OpenAI weights were trained with QuickGELU; open_clip records that on the tag, not the arch.
     quick_gelu = bool(model_cfg.get("quick_gelu") or tag_cfg.get("quick_gelu"))
     visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=quick_gelu)
     if path not in ("hub", "none"):
-        _load_weights_file(visual, path, name=name)
+        load_weights_file(visual, path, name=name)
 
     pre = merge_preprocess_dict(PreprocessCfg(), dict(tag_cfg))
     pre["size"] = vision_cfg.get("image_size", 224)
@@ -520,10 +385,8 @@ def _open_clip_pretrained(name: str, arch: str, tag: str | None, weights: str,
 
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:
-        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise BackboneError(f"open_clip has no model {arch!r} (backbone {name!r}); {hint}"
-                            "see open_clip.list_models()")
+        raise BackboneError(f"backbone {name!r}: open_clip has no model {arch!r}"
+                            f"{did_you_mean(arch, open_clip.list_models(), n=3)}; see open_clip.list_models()")
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if (tag is not None and tag not in tags) or (tag is None and weights == "hub"):
         raise BackboneError(f"backbone {name!r} needs a pretrained tag of {arch}: "
