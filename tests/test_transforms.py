@@ -28,8 +28,8 @@ from skinsweep.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataConfig,
-    describe,
     eval_transform,
+    format_data_config,
     train_transform,
 )
 from skinsweep.errors import ConfigError, DataError
@@ -253,7 +253,7 @@ def test_color_jitter_matches_torchvision():
     g = torch.Generator().manual_seed(0)
     y = 0.3 + 0.4 * torch.rand(4, 3, 16, 16, generator=g)  # mid-range: no clipping anywhere
     factors = 0.8 + 0.4 * torch.rand(4, 3, generator=g)
-    ours = T._color_jitter_(y.clone(), factors)
+    ours = T._jitter(y, factors)
     # atol: torchvision's grayscale uses 0.2989 for red, we use PIL's 0.299 (<= 2e-5 here)
     for i, (b, c, s) in enumerate(factors.tolist()):
         ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(y[i], b), c), s)
@@ -295,9 +295,13 @@ def test_dict_round_trip():
     assert DataConfig.from_dict({}) == DataConfig()
 
 
-def test_describe():
-    text = describe(DataConfig(crop_pct=0.9), augment="resnet_study")
-    assert "224px" in text and "resize 248" in text and "bicubic" in text and "resnet_study" in text
+def test_format_data_config_and_module_reprs():
+    cfg = DataConfig(crop_pct=0.9)
+    text = format_data_config(cfg)
+    assert text.startswith("224px center crop_pct=0.9 (resize 248) bicubic mean=(0.485, 0.456, 0.406)")
+    assert text in repr(eval_transform(cfg))
+    assert text in repr(train_transform(cfg, "resnet_study")) and "rrc(scale=(0.08, 1.0)" in repr(
+        train_transform(cfg, "resnet_study"))
 
 
 @pytest.mark.parametrize("make,match", [

@@ -35,8 +35,7 @@ from PIL import Image
 
 from skinsweep.data.index import DatasetIndex, map_chunks, read_rgb
 from skinsweep.errors import DataError, short_list
-from skinsweep.files import atomic_write_text
-from skinsweep.files import cache_dir, dataset_key
+from skinsweep.files import atomic_write_text, cache_dir, dataset_key
 
 CACHE_VERSION = 1
 POLICIES = ("squash", "center-crop")
@@ -161,7 +160,7 @@ def build_cache(
         fill = partial(_fill_rows, file=str(tmp), n=len(ids), size=size, policy=policy)
         items = list(enumerate(index.df["path"].astype(str)))
         errors: list[str] = []
-        for _, errs in map_chunks(fill, items, workers=workers, progress=progress,
+        for errs in map_chunks(fill, items, workers=workers, progress=progress,
                                   label=f"caching {len(ids)} images at {size}px ({policy})"):
             errors += errs
         if errors:

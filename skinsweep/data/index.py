@@ -35,8 +35,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from skinsweep.errors import DataError, short_list
-from skinsweep.files import atomic_write_text
-from skinsweep.files import cache_dir, dataset_key
+from skinsweep.files import atomic_write_text, cache_dir, dataset_key
 
 ISIC_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 ISIC_SPLITS = {"Training": "train", "Validation": "val", "Test": "test"}
@@ -136,7 +135,7 @@ def load_index(
     else:
         df = _read_csv(root, positive)
 
-    df = _finish(df, positive, root, fmt)
+    df = _finish(df, positive, fmt)
     if verify:
         df = _verify_images(df, root, skip_bad, bad, workers=workers, progress=progress)
     _check_classes(df, positive, root)
@@ -333,7 +332,7 @@ def _attach_paths(df: pd.DataFrame, dirs: list[Path], listing: Path, skip_bad: b
     return df
 
 
-def _finish(df: pd.DataFrame, positive: tuple[str, ...], root: Path, fmt: str) -> pd.DataFrame:
+def _finish(df: pd.DataFrame, positive: tuple[str, ...], fmt: str) -> pd.DataFrame:
     """Fill optional columns, derive labels from diagnoses, fix dtypes and order."""
     for c in INDEX_COLUMNS:
         if c not in df.columns:
@@ -389,22 +388,22 @@ def _check_chunk(paths: list[str]) -> list[tuple[str, int, int, str]]:
 def map_chunks(fn, items: list, *, workers: int | None, progress: bool, label: str, chunk: int = 64):
     """Apply ``fn`` to chunks of ``items`` in worker processes (serially when small); yield results.
 
-    Shared by the image check and the image cache. Yields ``(start_index, fn(chunk_items))`` in order.
+    Shared by the image check and the image cache. Yields ``fn(chunk_items)`` in chunk order.
     """
     from rich.progress import Progress
 
     workers = workers or os.cpu_count() or 1
-    chunks = [(s, items[s:s + chunk]) for s in range(0, len(items), chunk)]
+    chunks = [items[s:s + chunk] for s in range(0, len(items), chunk)]
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task(label, total=len(items))
         if workers <= 1 or len(items) <= 2 * chunk:
-            for s, c in chunks:
-                yield s, fn(c)
+            for c in chunks:
+                yield fn(c)
                 bar.advance(task, len(c))
             return
         with ProcessPoolExecutor(max_workers=workers) as ex:
-            for (s, c), res in zip(chunks, ex.map(fn, [c for _, c in chunks])):
-                yield s, res
+            for c, res in zip(chunks, ex.map(fn, chunks)):
+                yield res
                 bar.advance(task, len(c))
 
 
@@ -430,7 +429,7 @@ def _verify_images(df: pd.DataFrame, root: Path, skip_bad: bool, bad: list[dict]
             results[p] = (rec[2], rec[3], rec[4])
         else:
             todo.append(p)
-    for _, chunk_res in map_chunks(_check_chunk, todo, workers=workers, progress=progress, label="checking images"):
+    for chunk_res in map_chunks(_check_chunk, todo, workers=workers, progress=progress, label="checking images"):
         for p, w, h, err in chunk_res:
             results[p] = (w, h, err)
             memo[p] = stamp(p) + [w, h, err]

@@ -25,10 +25,10 @@ class DatasetReport:
     leaked_lesions: int
     split_mode: str
     split_hash: str
-    dropped: list[dict]
 
 
-def describe(index: DatasetIndex, manifest: SplitManifest) -> DatasetReport:
+def inspect_dataset(index: DatasetIndex, manifest: SplitManifest) -> DatasetReport:
+    """The tables ``skinsweep data inspect`` prints, for ``index`` split as ``manifest`` says."""
     df = index.df.merge(manifest.df[["image_id", "split"]], on="image_id", how="left")
     classes = pd.crosstab(df["dx"].fillna("?"), df["split"]).reindex(columns=list(SPLITS), fill_value=0)
     classes["all"] = classes.sum(axis=1)
@@ -47,5 +47,8 @@ def describe(index: DatasetIndex, manifest: SplitManifest) -> DatasetReport:
         n_lesions=int(df["lesion_id"].nunique()) if has_lesions else None,
         n_melanoma_lesions=int(df.loc[df["label"] == 1, "lesion_id"].nunique()) if has_lesions else None,
         leaked_lesions=leaked_lesions(manifest.df), split_mode=manifest.meta.get("mode", "?"),
-        split_hash=manifest.hash, dropped=index.bad,
+        split_hash=manifest.hash,
     )
+
+
+describe = inspect_dataset  # deprecated alias: cli.py still imports it; use inspect_dataset

@@ -30,8 +30,7 @@ import pyarrow.parquet as pq
 
 from skinsweep.data.index import DatasetIndex
 from skinsweep.errors import DataError, short_list
-from skinsweep.files import atomic_path
-from skinsweep.files import cache_dir, dataset_key
+from skinsweep.files import atomic_path, cache_dir, dataset_key
 
 SPLITS = ("train", "val", "test")
 MODES = ("grouped", "image", "official")

@@ -72,8 +72,8 @@ __all__ = [
     "IMAGENET_STD",
     "INTERPOLATIONS",
     "TrainTransform",
-    "describe",
     "eval_transform",
+    "format_data_config",
     "train_transform",
 ]
 
@@ -190,14 +190,13 @@ class DataConfig:
         )
 
 
-def describe(cfg: DataConfig, augment: str | None = None) -> str:
-    """One line for logs, e.g. ``224px center crop_pct=0.9 (resize 248) bicubic mean=(...)``."""
+def format_data_config(cfg: DataConfig) -> str:
+    """One line for logs and module reprs, e.g. ``224px center crop_pct=0.9 (resize 248) bicubic mean=(...)``."""
     scale = math.floor(cfg.input_size / cfg.crop_pct)
     mean = ", ".join(f"{v:.4g}" for v in cfg.mean)
     std = ", ".join(f"{v:.4g}" for v in cfg.std)
-    text = (f"{cfg.input_size}px {cfg.crop_mode} crop_pct={cfg.crop_pct:g} (resize {scale}) "
+    return (f"{cfg.input_size}px {cfg.crop_mode} crop_pct={cfg.crop_pct:g} (resize {scale}) "
             f"{cfg.interpolation} mean=({mean}) std=({std})")
-    return text if augment is None else f"{text} augment={augment}"
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -290,7 +289,7 @@ class EvalTransform(nn.Module):
         return _normalize(x[..., top:top + s, left:left + s], self.cfg.mean, self.cfg.std, unit)
 
     def extra_repr(self) -> str:
-        return describe(self.cfg)
+        return format_data_config(self.cfg)
 
 
 def eval_transform(cfg: DataConfig) -> EvalTransform:
@@ -348,11 +347,6 @@ def _jitter(x: Tensor, factors: Tensor, unit: float = 1.0) -> Tensor:
     mean_gray = gray.mean((2, 3), keepdim=True)
     offset = gray.mul_(b * c * (1 - s)).add_(b * (1 - c) * mean_gray)
     return torch.mul(x, b * c * s / unit).add_(offset).clamp_(0.0, 1.0)
-
-
-def _color_jitter_(y: Tensor, factors: Tensor, unit: float = 1.0) -> Tensor:
-    """In-place form of :func:`_jitter` on a float tensor (kept for tests and callers holding a buffer)."""
-    return y.copy_(_jitter(y, factors, unit))
 
 
 @contextmanager
@@ -437,7 +431,7 @@ class TrainTransform(nn.Module):
         return y.sub_(m).div_(sd)
 
     def extra_repr(self) -> str:
-        return (f"{describe(self.cfg)} rrc(scale={self.scale}, ratio=({self.ratio[0]:.3g}, "
+        return (f"{format_data_config(self.cfg)} rrc(scale={self.scale}, ratio=({self.ratio[0]:.3g}, "
                 f"{self.ratio[1]:.3g})) hflip={self.hflip} jitter={self.jitter}")
 
 

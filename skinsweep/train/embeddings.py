@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from skinsweep.data.cache import ImageCache
-from skinsweep.files import atomic_path, atomic_write_text
-from skinsweep.files import cache_dir
+from skinsweep.files import atomic_path, atomic_write_text, cache_dir
 
 
 def embedding_key(*, backbone_spec: dict, data_config: dict, image_cache_key: str, split_hash: str,
@@ -43,7 +42,6 @@ def cached_embeddings(
     embed: Callable[[torch.Tensor], torch.Tensor],
     *,
     batch_size: int = 256,
-    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, bool]:
     """Embeddings (N, D) float32 for ``ids``, from the cache when present. Returns (array, cache_hit).
 
@@ -60,8 +58,6 @@ def cached_embeddings(
     parts = []
     for s in range(0, len(rows), batch_size):
         parts.append(embed(torch.from_numpy(np.asarray(cache.images[rows[s:s + batch_size]]))).float().cpu().numpy())
-        if on_batch:
-            on_batch(min(batch_size, len(rows) - s))
     feats = np.concatenate(parts).astype(np.float32)
     try:
         with atomic_path(data) as tmp:

@@ -17,7 +17,6 @@ A NaN/inf loss ends the trial with status ``diverged`` — recorded, not a crash
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import platform
@@ -25,7 +24,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -133,7 +132,7 @@ def run_trial(
     from skinsweep.data.split import get_or_create_split
     from skinsweep.data.transforms import eval_transform, train_transform
     from skinsweep.train.embeddings import cached_embeddings, embedding_key
-    from skinsweep.metrics import HIGHER_IS_BETTER, binary_metrics
+    from skinsweep.metrics import HIGHER_IS_BETTER, binary_metrics, sigmoid
     from skinsweep.train.model import Classifier, count_parameters, make_head, param_groups
 
     t0 = time.perf_counter()
@@ -245,7 +244,7 @@ def run_trial(
     best_epoch, best_score, best_state = None, None, None
     history: list[dict] = []
     status, step = "completed", 0
-    bar = _progress(progress, cfg.epochs, trial_id)
+    bar = _EpochBar(progress, cfg.epochs, trial_id)
     with bar:
         for epoch in range(1, cfg.epochs + 1):
             model.train()
@@ -273,7 +272,7 @@ def run_trial(
             if status == "diverged":
                 break
             val_logits = predict("val")
-            m = binary_metrics(y["val"], _sigmoid(val_logits), loss=split_loss(val_logits, "val"))
+            m = binary_metrics(y["val"], sigmoid(val_logits).astype(np.float32), loss=split_loss(val_logits, "val"))
             record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                       **{f"val_{k}": v for k, v in m.items()}}
             history.append(record)
@@ -294,7 +293,7 @@ def run_trial(
             if not len(rows[split]):
                 continue
             logits = predict(split)
-            prob = _sigmoid(logits)
+            prob = sigmoid(logits).astype(np.float32)
             mm = binary_metrics(y[split], prob, loss=split_loss(logits, split))
             (val_metrics if split == "val" else test_metrics).update(mm)
             part = manifest.df.set_index("image_id").loc[ids[split]].reset_index()
@@ -341,11 +340,7 @@ def _result_from_summary(s: dict, out: Path) -> TrialResult:
                        val=s["val"], test=s["test"], history=s["history"], summary=s)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
-
-
-class _progress:
+class _EpochBar:
     """A rich progress bar over epochs showing loss and val AUC (a no-op when disabled)."""
 
     def __init__(self, enabled: bool, epochs: int, name: str) -> None:
