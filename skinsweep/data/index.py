@@ -344,8 +344,9 @@ def _finish(df: pd.DataFrame, positive: tuple[str, ...], fmt: str) -> pd.DataFra
     df["age"] = pd.to_numeric(df["age"], errors="coerce")
     for c in ("image_id", "path", "lesion_id", "sex", "site", "dx_type", "source_split"):
         df[c] = df[c].astype("string")
-    df["width"] = pd.array([pd.NA] * len(df), dtype="Int64") if df["width"].isna().all() else df["width"]
-    df["height"] = pd.array([pd.NA] * len(df), dtype="Int64") if df["height"].isna().all() else df["height"]
+    for c in ("width", "height"):  # filled by the image check; all-missing until then
+        if df[c].isna().all():
+            df[c] = pd.array([pd.NA] * len(df), dtype="Int64")
     return df[list(INDEX_COLUMNS)].sort_values("image_id", kind="stable").reset_index(drop=True)
 
 

@@ -49,17 +49,12 @@ from torchvision.transforms.v2 import functional as TF
 
 from skinsweep.errors import ConfigError, DataError
 
-try:  # the libraries' own constants, so the numbers are never retyped
-    from open_clip.constants import OPENAI_DATASET_MEAN as CLIP_MEAN
-    from open_clip.constants import OPENAI_DATASET_STD as CLIP_STD
-    from timm.data.constants import DEFAULT_CROP_PCT as TIMM_DEFAULT_CROP_PCT
-    from timm.data.constants import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
-    from timm.data.constants import IMAGENET_DEFAULT_STD as IMAGENET_STD
-except ImportError:  # pragma: no cover - both are hard dependencies; values as of timm 1.0
-    IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-    CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-    TIMM_DEFAULT_CROP_PCT = 0.875
+# the libraries' own constants (both are hard dependencies), so the numbers are never retyped
+from open_clip.constants import OPENAI_DATASET_MEAN as CLIP_MEAN
+from open_clip.constants import OPENAI_DATASET_STD as CLIP_STD
+from timm.data.constants import DEFAULT_CROP_PCT as TIMM_DEFAULT_CROP_PCT
+from timm.data.constants import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data.constants import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 __all__ = [
     "AUGMENTS",

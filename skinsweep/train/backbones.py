@@ -242,10 +242,10 @@ _FIT_CACHE: Mapping[str, Any] = {"crop_pct": 1.0}
 
 
 def _timm_pretrained(name: str, arch: str, weights: str, overrides: dict[str, Any], *,
-                     family: Family | None = None, model_defaults: Mapping[str, Any] | None = None,
+                     model_defaults: Mapping[str, Any] | None = None,
                      data_defaults: Mapping[str, Any] | None = _FIT_CACHE) -> Backbone:
-    """A model of timm's registry by ``arch[.tag]``; ``family`` None: "vit" for models with a fixed
-    input size (timm's ``fixed_input_size``: ViT, DeiT, Swin, EVA ...), else "cnn"."""
+    """A model of timm's registry by ``arch[.tag]``; family "vit" for models with a fixed input
+    size (timm's ``fixed_input_size``: ViT, DeiT, Swin, EVA ...), else "cnn"."""
     import timm
 
     if not timm.is_model(arch):
@@ -254,8 +254,7 @@ def _timm_pretrained(name: str, arch: str, weights: str, overrides: dict[str, An
     cfg = timm.models.get_pretrained_cfg(arch)
     if weights == "hub" and cfg is None:
         raise BackboneError(f"timm has no pretrained weights for {arch!r}; use weights='none' or a file")
-    if family is None:
-        family = "vit" if cfg is not None and cfg.fixed_input_size else "cnn"
+    family: Family = "vit" if cfg is not None and cfg.fixed_input_size else "cnn"
 
     def make(**kw: Any) -> nn.Module:
         kw = {**(model_defaults or {}), **kw}
@@ -303,6 +302,9 @@ def _timm_prefixed(name: str, *, weights: str, **overrides: Any) -> Backbone:
     return _timm_pretrained(name, name.partition(":")[2], weights, overrides, data_defaults=None)
 
 
+_TINY_DATA = DataConfig(input_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0)
+
+
 @register_backbone("tiny_resnet", pretrained=False)
 def tiny_resnet(name: str, *, weights: str, **overrides: Any) -> Backbone:
     """timm ``ResNet`` (resnet18's class and BasicBlock), one block per stage, 8..64 channels, 32 px
@@ -314,9 +316,8 @@ def tiny_resnet(name: str, *, weights: str, **overrides: Any) -> Backbone:
               "stem_width": 8, "num_classes": 0, **kw}
         return ResNet(**kw)
 
-    config = DataConfig(input_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0)
     return _timm_backbone(name, make, weights=weights, overrides=overrides, family="cnn",
-                          source="timm/ResNet(BasicBlock,1-1-1-1,8-64ch)", data_config=config)
+                          source="timm/ResNet(BasicBlock,1-1-1-1,8-64ch)", data_config=_TINY_DATA)
 
 
 @register_backbone("tiny_vit", pretrained=False)
@@ -329,9 +330,8 @@ def tiny_vit(name: str, *, weights: str, **overrides: Any) -> Backbone:
               "num_classes": 0, **kw}
         return VisionTransformer(**kw)
 
-    config = DataConfig(input_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=1.0)
     return _timm_backbone(name, make, weights=weights, overrides=overrides, family="vit",
-                          source="timm/VisionTransformer(32px,p8,w64,d2)", data_config=config)
+                          source="timm/VisionTransformer(32px,p8,w64,d2)", data_config=_TINY_DATA)
 
 
 # ----------------------------------------------------------------------------- open_clip family
