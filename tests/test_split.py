@@ -169,3 +169,21 @@ def test_real_labels_split(real_labels_dir, mode):
         assert m.meta["leaked_lesions"] == 0
     else:
         assert m.meta["leaked_lesions"] > 500  # measured: ~1,000 lesions straddle splits
+
+
+def test_inspect_dataset_tables_agree_with_the_index_and_manifest(isic_dir):
+    from skinsweep.data.inspect import describe, inspect_dataset
+
+    idx = load_index(isic_dir)
+    m = make_split(idx, seed=0)
+    r = inspect_dataset(idx, m)
+    assert describe is inspect_dataset  # the deprecated name cli.py still imports
+    assert (r.n_images, r.n_melanoma) == (60, int(idx.df["label"].sum()))
+    assert r.n_lesions == idx.df["lesion_id"].nunique() < 60
+    assert list(r.classes.columns) == ["train", "val", "test", "all", "label"]
+    assert r.classes["all"].sum() == 60 and r.classes.loc["MEL", "label"] == 1
+    assert r.classes["all"].is_monotonic_decreasing  # most common diagnosis first
+    assert (r.classes[["train", "val", "test"]].sum(axis=1) == r.classes["all"]).all()
+    assert r.splits.loc["all", "images"] == 60 and r.leaked_lesions == 0
+    assert r.sizes.loc["width"].tolist() == [60, 60, 60] and r.common_sizes.to_dict() == {"60x45": 60}
+    assert (r.split_mode, r.split_hash) == ("grouped", m.hash)
