@@ -29,6 +29,11 @@ __all__ = ["hub_download", "load_weights_file", "read_state_dict", "resolve_weig
 
 
 def resolve_weights(name: str, weights: str | None, pretrained: bool) -> str:
+    """``weights`` as ``Backbone.weights`` records it: "hub", "none" or an absolute file path.
+
+    None is the backbone's default ("hub" when ``pretrained``, else "none"); "hub" is refused for a
+    random-init test model and a path must name an existing file.
+    """
     if weights is None:
         return "hub" if pretrained else "none"
     if weights == "none":
