@@ -203,8 +203,8 @@ def test_image_check_is_memoised_and_notices_changes(isic_dir, monkeypatch):
     import skinsweep.data.index as index_mod
 
     calls = []
-    real = index_mod._check_chunk
-    monkeypatch.setattr(index_mod, "_check_chunk", lambda paths: calls.append(len(paths)) or real(paths))
+    real = index_mod._check_images
+    monkeypatch.setattr(index_mod, "_check_images", lambda paths: calls.append(len(paths)) or real(paths))
     load_index(isic_dir)
     assert sum(calls) == 0  # nothing re-decoded
     (_img_dir(isic_dir) / "ISIC_0024320.jpg").write_bytes(b"broken now")

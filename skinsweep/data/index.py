@@ -373,17 +373,16 @@ def read_rgb(path: str | Path) -> Image.Image:
         return im.convert("RGB") if im.mode != "RGB" else im.copy()
 
 
-def _check_one(path: str) -> tuple[str, int, int, str]:
-    """Decode ``path`` fully; return (path, width, height, error or '')."""
-    try:
-        im = read_rgb(path)
-        return path, im.width, im.height, ""
-    except Exception as e:  # noqa: BLE001 - any decoder failure means "not a usable image"
-        return path, 0, 0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
-
-
-def _check_chunk(paths: list[str]) -> list[tuple[str, int, int, str]]:
-    return [_check_one(p) for p in paths]
+def _check_images(paths: list[str]) -> list[tuple[str, int, int, str]]:
+    """Decode each path fully: (path, width, height, error or '') per path."""
+    out = []
+    for path in paths:
+        try:
+            im = read_rgb(path)
+            out.append((path, im.width, im.height, ""))
+        except Exception as e:  # noqa: BLE001 - any decoder failure means "not a usable image"
+            out.append((path, 0, 0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"))
+    return out
 
 
 def map_chunks(fn, items: list, *, workers: int | None, progress: bool, label: str, chunk: int = 64):
@@ -430,7 +429,7 @@ def _verify_images(df: pd.DataFrame, root: Path, skip_bad: bool, bad: list[dict]
             results[p] = (rec[2], rec[3], rec[4])
         else:
             todo.append(p)
-    for chunk_res in map_chunks(_check_chunk, todo, workers=workers, progress=progress, label="checking images"):
+    for chunk_res in map_chunks(_check_images, todo, workers=workers, progress=progress, label="checking images"):
         for p, w, h, err in chunk_res:
             results[p] = (w, h, err)
             memo[p] = stamp(p) + [w, h, err]

@@ -56,14 +56,23 @@ class SplitManifest:
     @property
     def hash(self) -> str:
         """Content hash of (image_id, split, label): two manifests with equal hashes split alike."""
-        return content_hash(self.df)
+        rows = self.df[["image_id", "split", "label"]].astype(str).sort_values("image_id")
+        return hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:16]
 
     def ids(self, split: str) -> list[str]:
         return self.df.loc[self.df["split"] == split, "image_id"].tolist()
 
     def summary(self) -> pd.DataFrame:
         """Per split: images, melanomas, prevalence, lesions (rows train/val/test/all)."""
-        return split_summary(self.df)
+        rows = []
+        for name in (*SPLITS, "all"):
+            part = self.df if name == "all" else self.df[self.df["split"] == name]
+            rows.append({
+                "split": name, "images": len(part), "melanoma": int(part["label"].sum()),
+                "prevalence": float(part["label"].mean()) if len(part) else float("nan"),
+                "lesions": int(part["lesion_id"].nunique()) if part["lesion_id"].notna().any() else None,
+            })
+        return pd.DataFrame(rows).set_index("split")
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -220,28 +229,10 @@ def _image_split(labels: np.ndarray, fractions, seed: int) -> np.ndarray:
 # Reporting and defaults
 # --------------------------------------------------------------------------------------------------
 
-def content_hash(df: pd.DataFrame) -> str:
-    rows = df[["image_id", "split", "label"]].astype(str).sort_values("image_id")
-    return hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:16]
-
-
 def leaked_lesions(df: pd.DataFrame) -> int:
     """Number of lesions with images in more than one split."""
     known = df[df["lesion_id"].notna()]
     return int((known.groupby("lesion_id")["split"].nunique() > 1).sum())
-
-
-def split_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows train/val/test/all; columns images, melanoma, prevalence, lesions."""
-    rows = []
-    for name in (*SPLITS, "all"):
-        part = df if name == "all" else df[df["split"] == name]
-        rows.append({
-            "split": name, "images": len(part), "melanoma": int(part["label"].sum()),
-            "prevalence": float(part["label"].mean()) if len(part) else float("nan"),
-            "lesions": int(part["lesion_id"].nunique()) if part["lesion_id"].notna().any() else None,
-        })
-    return pd.DataFrame(rows).set_index("split")
 
 
 def default_split_path(index: DatasetIndex, mode: str = "grouped", seed: int = DEFAULT_SEED,

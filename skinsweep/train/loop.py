@@ -134,6 +134,7 @@ def run_trial(
     from skinsweep.train.embeddings import cached_embeddings, embedding_key
     from skinsweep.metrics import HIGHER_IS_BETTER, binary_metrics, sigmoid
     from skinsweep.train.model import Classifier, count_parameters, make_head, param_groups
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     t0 = time.perf_counter()
     cfg = config
@@ -244,8 +245,10 @@ def run_trial(
     best_epoch, best_score, best_state = None, None, None
     history: list[dict] = []
     status, step = "completed", 0
-    bar = _EpochBar(progress, cfg.epochs, trial_id)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"), disable=not progress)
     with bar:
+        bar_task = bar.add_task(f"{trial_id} epoch", total=cfg.epochs, info="")
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             order = rng.permutation(len(rows["train"]))
@@ -281,7 +284,8 @@ def run_trial(
                     isinstance(best_score, float) and math.isnan(best_score) and not math.isnan(score)):
                 best_epoch, best_score = epoch, score
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-            bar.update(epoch, record, best_epoch)
+            bar.update(bar_task, completed=epoch, info=f"loss {record['train_loss']:.4f}  "
+                       f"val AUC {record['val_auc']:.4f}  best epoch {best_epoch}")
             if callback:
                 callback(dict(record, best_epoch=best_epoch, trial_id=trial_id))
 
@@ -338,33 +342,6 @@ def run_trial(
 def _result_from_summary(s: dict, out: Path) -> TrialResult:
     return TrialResult(trial_id=s["trial_id"], status=s["status"], out_dir=out, best_epoch=s["best_epoch"],
                        val=s["val"], test=s["test"], history=s["history"], summary=s)
-
-
-class _EpochBar:
-    """A rich progress bar over epochs showing loss and val AUC (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool, epochs: int, name: str) -> None:
-        self.enabled, self.epochs, self.name = enabled, epochs, name
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                              TextColumn("{task.fields[info]}"))
-            self.p.__enter__()
-            self.task = self.p.add_task(f"{self.name} epoch", total=self.epochs, info="")
-        return self
-
-    def update(self, epoch: int, rec: dict, best: int | None) -> None:
-        if self.enabled:
-            info = f"loss {rec['train_loss']:.4f}  val AUC {rec['val_auc']:.4f}  best epoch {best}"
-            self.p.update(self.task, completed=epoch, info=info)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)
-        return False
 
 
 # --------------------------------------------------------------------------------------------------
