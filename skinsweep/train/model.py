@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from skinsweep.errors import ConfigError
 
-HEADS = ("auto", "linear", "mlp")
 MODES = ("finetune", "linear_probe")
 
 
@@ -22,7 +21,7 @@ def make_head(kind: str, in_features: int, *, hidden: int = 512, dropout: float 
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, 1)) if dropout else nn.Linear(in_features, 1)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
-    raise ConfigError(f"unknown head {kind!r}; use one of {', '.join(HEADS)}")
+    raise ConfigError(f"unknown head {kind!r}; use linear or mlp")  # "auto" is resolved by the caller
 
 
 class Classifier(nn.Module):
