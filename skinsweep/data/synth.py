@@ -84,7 +84,7 @@ class SynthSummary:
 
 @dataclass
 class _Row:
-    """One image: its metadata row plus what the renderer needs (lesion key, photo index)."""
+    """One image: its metadata row plus what the painter needs (lesion key, photo index)."""
 
     image_id: str
     lesion_id: str
