@@ -50,7 +50,8 @@ def sweep(tmp_path_factory):
     pruned = dict(res.summary, trial_id="p0", status="pruned", test={}, best_epoch=None,
                   history=res.summary["history"][:1])
     store.add_trial(pruned, predictions=None, status="pruned", extra={"pruned_at_epoch": 1})
-    store.add_failed("f0", {"backbone": "tiny_vit", "mode": "finetune"}, "Traceback …\nRuntimeError: out of memory <script>alert(1)</script>")
+    store.add_failed("f0", {"backbone": "tiny_vit", "mode": "finetune"},
+                     "Traceback …\nRuntimeError: out of memory <script>alert(1)</script>")
     (store.root / "sweep.json").write_text(json.dumps({"name": "s", "dataset": str(data), "split_hash": split_hash,
                                                        "recipe": {"data": {"positive": ["MEL"]}}}))
     recipe = base / "dc.yaml"

@@ -72,9 +72,10 @@ def build_report(
 
 
 def draw(img: Path, data: ReportData, gradcam: bool, log) -> dict:
-    """Write every figure of the page into ``img``; returns their file names for the template:
-    ``{"best_over_time", "hparams", "asha", "roc_pr": name or None, "curves", "calib": {trial: name},
-    "ens": {ensemble: {plot: name}}, "tiles": {image_id: [(name, caption)]}, "heatmap_note": str}``."""
+    """Write every figure of the page into ``img``; returns their file names as the template reads them:
+    ``best_over_time``, ``hparams``, ``asha``, ``roc_pr`` (a name or None), ``curves`` and ``calib``
+    ({trial: name}), ``ens`` ({ensemble: {plot: name}}), ``tiles`` ({image_id: [(name, caption)]}), and
+    ``heatmap_note`` (the Grad-CAM methods, and the models without heat maps and why)."""
     from skinsweep.report import plots
 
     t, history = data.trials, data.history
@@ -114,15 +115,17 @@ def _gallery_tiles(img: Path, data: ReportData, gradcam: bool, log) -> tuple[dic
         return {}, ""
     shown = pd.concat(data.gallery.values()).drop_duplicates("image_id")
     shown = shown[shown["path"].notna()]
-    cams, note = _heatmaps(data.source.explain, data.trials, shown["path"].tolist(), log) if gradcam and len(shown) \
-        else ({}, "")
+    cams, note = {}, ""
+    if gradcam and len(shown):
+        cams, note = _heatmaps(data.source.explain, data.trials, shown["path"].tolist(), log)
+    explained = [m for m in data.source.explain if m in cams]
     backbone = data.trials.set_index("trial_id")["backbone"]
     tiles = {}
     for image_id, path in zip(shown["image_id"], shown["path"]):
         rgb = np.asarray(read_rgb(path))  # as the heat maps were mapped: EXIF orientation applied
         stem = slug(image_id)
         tiles[image_id] = [_tile(img, f"g_{stem}.png", rgb, "image")]
-        for m in (m for m in data.source.explain if m in cams):
+        for m in explained:
             cam = cams[m][path]
             flat = " · nothing raised the logit" if cam.max() <= 0 else ""
             tiles[image_id].append(_tile(img, f"g_{stem}_{slug(m)}.png", overlay(rgb, cam), f"{backbone[m]} ({m}){flat}"))

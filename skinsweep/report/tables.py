@@ -9,7 +9,7 @@ predictions the same way. Thresholds are chosen on validation; tables and galler
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -51,14 +51,14 @@ class Ensemble:
     path: Path
     report: dict          # its report.json
     preds: pd.DataFrame   # its predictions.parquet
-    table: pd.DataFrame = field(init=False)  # model × metric, "0.912 [0.880, 0.940]"
 
-    def __post_init__(self) -> None:
+    @property
+    def table(self) -> pd.DataFrame:
+        """Members and ensemble × test metric, as "0.912 [0.880, 0.940]" (estimate [95% CI])."""
         metrics = {"auc": "AUC", "ap": "AP", "recall": "sensitivity", "specificity": "specificity",
                    "sens_at_spec": "sens @ spec", "ece": "ECE", "brier": "Brier"}
-        self.table = pd.DataFrame([{"model": model, **{label: format_ci(m.get(k), missing="—")
-                                                       for k, label in metrics.items()}}
-                                   for model, m in self.report["test"].items()])
+        return pd.DataFrame([{"model": model, **{label: format_ci(m.get(k), missing="—") for k, label in metrics.items()}}
+                             for model, m in self.report["test"].items()])
 
     @property
     def threshold_rule(self) -> str:
