@@ -103,12 +103,11 @@ class ReportData:
         return self.sweep.get("name") or self.results.name
 
 
-def report_data(results, *, ensembles: Sequence[str | Path] = (), trials: Sequence[str] | None = None,
+def report_data(results: str | Path, *, ensembles: Sequence[str | Path] = (), trials: Sequence[str] | None = None,
                 target_sensitivity: float = 0.95, gallery: int = 4,
                 log: Callable[[str], None] = print) -> ReportData:
-    """Load a sweep (and ensembles built from it) and compute every table of its report; bad input is a
-    one-line :class:`~skinsweep.errors.SkinsweepError` before anything is written. Arguments as
-    :func:`skinsweep.report.page.build_report`'s."""
+    """Load a sweep (and ensembles built from it) and compute every table of its report; bad input raises
+    a one-line :class:`~skinsweep.errors.SkinsweepError`. Arguments as :func:`skinsweep.report.page.build_report`'s."""
     from skinsweep.results import load
 
     res = load(results)
