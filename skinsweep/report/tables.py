@@ -85,8 +85,8 @@ class ReportData:
     history: pd.DataFrame                # per-epoch metrics of every trial
     counts: dict[str, int]               # trials per status
     trials_table: pd.DataFrame           # the sortable table of all trials, best val AUC first
-    pruned: pd.DataFrame | None          # stopped by ASHA
-    failed: pd.DataFrame | None          # with the last line of their error
+    pruned: pd.DataFrame                 # stopped by ASHA
+    failed: pd.DataFrame                 # with the last line of their error
     target_sensitivity: float
     selected: list[Selected]
     models: pd.DataFrame | None          # one row of val/test metrics per selected model
@@ -119,10 +119,11 @@ def report_data(results: str | Path, *, ensembles: Sequence[str | Path] = (), tr
     source = _source(ens, selected)
     log(f"report: {len(trials_df)} trials in {res.path}")
     index, index_note = _dataset_index(res.sweep, log)
+    pruned, failed = stopped_and_failed(trials_df)
     return ReportData(
         results=res.path, sweep=res.sweep, trials=trials_df, history=res.store.history(),
         counts=trials_df["status"].value_counts().to_dict(), trials_table=trials_table(trials_df),
-        pruned=_pruned(trials_df), failed=_failed(trials_df), target_sensitivity=target_sensitivity,
+        pruned=pruned, failed=failed, target_sensitivity=target_sensitivity,
         selected=selected, models=model_metrics(selected) if selected else None, ensembles=ens, source=source,
         index=index, index_note=index_note,
         gallery=gallery_rows(source, index, gallery) if source is not None and index is not None else {},
@@ -228,21 +229,14 @@ def trials_table(trials: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _pruned(trials: pd.DataFrame) -> pd.DataFrame | None:
+def stopped_and_failed(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trials ASHA stopped (by stopping epoch), and the failed ones with the last line of their error."""
     pruned = trials[trials["status"] == "pruned"]
-    if pruned.empty:
-        return None
     cols = [c for c in ("trial_id", "backbone", "mode", "lr", "pos_weight", "pruned_at_epoch", "val_auc") if c in pruned]
-    return pruned[cols].sort_values("pruned_at_epoch" if "pruned_at_epoch" in cols else "trial_id")
-
-
-def _failed(trials: pd.DataFrame) -> pd.DataFrame | None:
-    failed = trials[trials["status"] == "failed"]
-    if failed.empty:
-        return None
-    f = failed[["trial_id", "backbone", "mode", "error"]].copy()
-    f["error"] = f["error"].fillna("").map(lambda e: e.strip().splitlines()[-1][:200] if e.strip() else "")
-    return f
+    pruned = pruned[cols].sort_values("pruned_at_epoch" if "pruned_at_epoch" in cols else "trial_id")
+    failed = trials.loc[trials["status"] == "failed", ["trial_id", "backbone", "mode", "error"]]
+    last_line = failed["error"].fillna("").map(lambda e: e.strip().splitlines()[-1][:200] if e.strip() else "")
+    return pruned, failed.assign(error=last_line)
 
 
 def is_missing(v) -> bool:
