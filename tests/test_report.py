@@ -50,7 +50,8 @@ def sweep(tmp_path_factory):
     pruned = dict(res.summary, trial_id="p0", status="pruned", test={}, best_epoch=None,
                   history=res.summary["history"][:1])
     store.add_trial(pruned, predictions=None, status="pruned", extra={"pruned_at_epoch": 1})
-    store.add_failed("f0", {"backbone": "tiny_vit", "mode": "finetune"}, "Traceback …\nRuntimeError: out of memory")
+    store.add_failed("f0", {"backbone": "tiny_vit", "mode": "finetune"},
+                     "Traceback …\nRuntimeError: out of memory <script>alert(1)</script>")
     (store.root / "sweep.json").write_text(json.dumps({"name": "s", "dataset": str(data), "split_hash": split_hash,
                                                        "recipe": {"data": {"positive": ["MEL"]}}}))
     recipe = base / "dc.yaml"
@@ -67,11 +68,11 @@ def _shared_cache(sweep, monkeypatch):
 
 
 class _Page(HTMLParser):
-    """Collects section ids, image sources, tables (as lists of rows of cell text)."""
+    """What a browser would see of the page's structure: element ids, image sources, table classes."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ids, self.imgs, self.tables, self._cell, self._row = [], [], [], None, None
+        self.ids, self.imgs, self.table_classes = [], [], []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -80,23 +81,7 @@ class _Page(HTMLParser):
         if tag == "img":
             self.imgs.append(a["src"])
         elif tag == "table":
-            self.tables.append([])
-        elif tag == "tr":
-            self._row = []
-        elif tag in ("td", "th"):
-            self._cell = ""
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self._cell is not None:
-            self._row.append(self._cell.strip())
-            self._cell = None
-        elif tag == "tr" and self._row is not None:
-            self.tables[-1].append(self._row)
-            self._row = None
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell += data
+            self.table_classes.append(a.get("class"))
 
 
 def _parse(page: Path) -> tuple[_Page, str]:
@@ -106,25 +91,27 @@ def _parse(page: Path) -> tuple[_Page, str]:
     return p, text
 
 
-def _table_with(p: _Page, header: str) -> pd.DataFrame:
-    for t in p.tables:
-        if t and header in t[0]:
-            return pd.DataFrame(t[1:], columns=t[0])
-    raise AssertionError(f"no table with column {header!r}")
-
-
 @pytest.fixture(scope="module")
 def report(sweep, tmp_path_factory):
+    """The page build_report writes, its log, and the tables it was rendered from (same inputs)."""
     from skinsweep.report.page import build_report
+    from skinsweep.report.tables import report_data
 
     out = tmp_path_factory.mktemp("rep") / "report"
     msgs: list[str] = []
     page = build_report(sweep["results"], ensembles=[sweep["ensemble"]], out=out, gallery=2, log=msgs.append)
-    return page, msgs
+    data = report_data(sweep["results"], ensembles=[sweep["ensemble"]], gallery=2, log=lambda m: None)
+    return page, msgs, data
 
 
-def test_report_has_every_section_and_valid_images(report):
-    page, msgs = report
+def _ensemble_test(sweep) -> tuple[pd.DataFrame, float]:
+    ens = pd.read_parquet(sweep["ensemble"] / "predictions.parquet")
+    thr = json.loads((sweep["ensemble"] / "report.json").read_text())["threshold"]
+    return ens[ens["split"] == "test"], thr
+
+
+def test_report_page_has_every_section_and_valid_images(report):
+    page, msgs, _ = report
     p, text = _parse(page)
     for sid in ("overview", "models", "ensembles", "gallery", "errors"):
         assert sid in p.ids, f"section {sid} missing"
@@ -140,15 +127,36 @@ def test_report_has_every_section_and_valid_images(report):
     assert {"best_over_time.png", "hparams.png", "asha.png", "roc_pr.png"} <= names
     assert any(n.startswith("curves_") for n in names) and any(n.startswith("calib_") for n in names)
     assert any(n.startswith("ens_") for n in names)
-    # overview: status counts and one table row per trial, sortable
-    assert re.search(r"<b>3</b>completed", text) and re.search(r"<b>1</b>pruned", text) and re.search(r"<b>1</b>failed", text)
-    trials = _table_with(p, "status")
-    assert sorted(trials["trial_id"]) == ["f0", "p0", "t0", "t1", "t2"]
-    assert "class='sortable'" in text and "addEventListener('click'" in text
-    assert "out of memory" in text  # failed trials show their error line
-    # ensemble section: CIs and the DeLong p-value
-    assert "DeLong" in text and re.search(r"p = [0-9.e-]+", text)
+    # the trials table sorts (the inline script binds to it); the others do not
+    assert p.table_classes.count("sortable") == 1 and "addEventListener('click'" in text
     assert any(m.startswith("report: heat maps of") for m in msgs)
+
+
+def test_report_page_escapes_values(report):
+    """A trial's error text is data, not markup: its <script> shows as text and never runs."""
+    page, _, data = report
+    _, text = _parse(page)
+    assert data.failed["error"].tolist() == ["RuntimeError: out of memory <script>alert(1)</script>"]
+    assert "out of memory &lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<script>alert" not in text
+
+
+def test_report_overview_tables(report):
+    _, _, data = report
+    assert data.counts == {"completed": 3, "pruned": 1, "failed": 1}
+    assert sorted(data.trials_table["trial_id"]) == ["f0", "p0", "t0", "t1", "t2"]
+    auc = data.trials_table["val_auc"].dropna()
+    assert auc.is_monotonic_decreasing and data.trials_table["val_auc"].iloc[-1:].isna().all()  # failed: no AUC, last
+    assert data.pruned["trial_id"].tolist() == ["p0"] and data.pruned["pruned_at_epoch"].tolist() == [1]
+
+
+def test_report_ensemble_table_has_cis_and_delong(report):
+    _, _, data = report
+    (e,) = data.ensembles
+    assert e.table["model"].tolist() == [m["label"] for m in e.report["members"]] + ["ensemble"]
+    auc = e.report["test"]["ensemble"]["auc"]
+    assert e.table.set_index("model").loc["ensemble", "AUC"] == f"{auc['estimate']:.3f} [{auc['lo']:.3f}, {auc['hi']:.3f}]"
+    assert 0 <= e.report["delong_vs_best"]["p_value"] <= 1
 
 
 def test_report_numbers_come_from_stored_predictions(report, sweep):
@@ -156,45 +164,45 @@ def test_report_numbers_come_from_stored_predictions(report, sweep):
 
     from skinsweep.results import load
 
-    p, _ = _parse(report[0])
-    models = _table_with(p, "test AUC").set_index("model")
+    _, _, data = report
+    models = data.models.set_index("model")
     preds = load(sweep["results"]).predictions
     assert len(models) == 3  # one per backbone
     for label, row in models.iterrows():
         tid = label.split("/")[-1]
         t = preds[(preds["trial_id"] == tid) & (preds["split"] == "test")]
-        assert float(row["test AUC"]) == pytest.approx(roc_auc_score(t["label"], t["prob"]), abs=6e-5)
-        assert float(row["test AP"]) == pytest.approx(average_precision_score(t["label"], t["prob"]), abs=6e-5)
+        assert row["test AUC"] == pytest.approx(roc_auc_score(t["label"], t["prob"]), abs=1e-9)
+        assert row["test AP"] == pytest.approx(average_precision_score(t["label"], t["prob"]), abs=1e-9)
     # error analysis by diagnosis: counts equal the ensemble's stored test predictions
-    ens = pd.read_parquet(sweep["ensemble"] / "predictions.parquet")
-    thr = json.loads((sweep["ensemble"] / "report.json").read_text())["threshold"]
-    test = ens[ens["split"] == "test"]
-    by_dx = _table_with(p, "flagged").set_index("dx")
+    test, thr = _ensemble_test(sweep)
+    by_dx = data.by_dx.set_index("dx")
+    assert set(by_dx.index) == set(test["dx"])
     for dx, g in test.groupby("dx"):
-        assert int(by_dx.loc[dx, "images"]) == len(g)
-        assert int(by_dx.loc[dx, "flagged"]) == int((g["calibrated_prob"] >= thr).sum())
-    # metadata tables exist (the synthetic release has age, sex and site)
-    for col in ("age group", "sex", "site"):
-        assert int(_table_with(p, col)["images"].astype(int).sum()) == len(test)
+        assert by_dx.loc[dx, "images"] == len(g)
+        assert by_dx.loc[dx, "flagged"] == int((g["calibrated_prob"] >= thr).sum())
+    # metadata tables exist (the synthetic release has age, sex and site) and cover the test set
+    assert list(data.by_meta) == ["age group", "sex", "site"]
+    for col, df in data.by_meta.items():
+        assert df["images"].sum() == len(test) and df["melanomas"].sum() == test["label"].sum()
 
 
 def test_gallery_picks_confident_mistakes(report, sweep):
     """The gallery's false negatives are the test melanomas with the lowest ensemble probability (one
-    image per lesion), its false positives the benign lesions with the highest."""
-    _, text = _parse(report[0])
-    ens = pd.read_parquet(sweep["ensemble"] / "predictions.parquet")
-    thr = json.loads((sweep["ensemble"] / "report.json").read_text())["threshold"]
-    t = ens[ens["split"] == "test"]
+    image per lesion), its false positives the benign lesions with the highest; each shown row has its tiles."""
+    page, _, data = report
+    _, text = _parse(page)
+    t, thr = _ensemble_test(sweep)
     fn = t[(t["label"] == 1) & (t["calibrated_prob"] < thr)].sort_values("calibrated_prob").drop_duplicates("lesion_id")
     fp = (t[(t["label"] == 0) & (t["calibrated_prob"] >= thr)].sort_values("calibrated_prob", ascending=False)
           .drop_duplicates("lesion_id"))
-    gallery = text[text.index("id='gallery'"):text.index("id='errors'")]
-    for df in (fn, fp):
-        for img in df["image_id"].head(2):
-            assert img in gallery
-        for img in df["image_id"].iloc[2:]:
-            assert f"<b>{img}</b>" not in gallery  # only the top 2 (gallery=2)
-    assert (fn.empty or "g_" in gallery) and "heat map" in gallery
+    assert data.gallery["fn"]["image_id"].tolist() == fn["image_id"].head(2).tolist()  # gallery=2
+    assert data.gallery["fp"]["image_id"].tolist() == fp["image_id"].head(2).tolist()
+    assert len(data.gallery["tp"]) == 1 and (data.gallery["tp"]["prob"] >= thr).all()
+    assert data.source.explain == [m["trial_id"] for m in data.ensembles[0].report["members"]]
+    gallery = text[text.index('id="gallery"'):text.index('id="errors"')]
+    for g in data.gallery.values():
+        for img in g["image_id"]:
+            assert f"g_{img}.png" in gallery and all(f"g_{img}_{m}.png" in gallery for m in data.source.explain)
 
 
 @pytest.mark.parametrize("k", range(len(MEMBERS)))
@@ -239,12 +247,16 @@ def test_report_without_dataset_or_ensemble_still_builds(sweep, tmp_path):
     shutil.copytree(sweep["results"], res)
     info = json.loads((res / "sweep.json").read_text())
     (res / "sweep.json").write_text(json.dumps(info | {"dataset": str(tmp_path / "gone")}))
+    from skinsweep.report.tables import report_data
+
     page = build_report(res, out=tmp_path / "r", log=lambda m: None)
     p, text = _parse(page)
-    assert "ensembles" not in p.ids and "models" in p.ids
+    assert "ensembles" not in p.ids and {"models", "gallery", "errors"} <= set(p.ids)
     assert "No gallery" in text and "not readable from here" in text
-    by_dx = _table_with(p, "flagged")  # error analysis by dx still works from the predictions alone
-    assert len(by_dx) >= 2
+    data = report_data(res, log=lambda m: None)
+    assert data.index is None and data.gallery == {} and data.by_meta == {}
+    assert data.source.name.startswith("best model")  # error analysis by dx still works from the predictions alone
+    assert data.by_dx["images"].sum() == len(data.source.test) and len(data.by_dx) >= 2
 
 
 def test_report_bad_input(sweep, tmp_path):
@@ -263,6 +275,9 @@ def test_report_bad_input(sweep, tmp_path):
         build_report(sweep["results"], trials=["nope"], out=tmp_path / "r")
     with pytest.raises(DataError, match="no stored val/test predictions"):
         build_report(sweep["results"], trials=["p0"], out=tmp_path / "r")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        build_report(sweep["results"], out=tmp_path / "file")
     assert not (tmp_path / "r").exists()  # nothing written on bad input
     # the CLI: one red line, exit 2, no traceback
     r = subprocess.run([sys.executable, "-m", "skinsweep.cli", "report", str(tmp_path / "missing")],
@@ -276,8 +291,8 @@ def test_report_cli_writes_page(sweep, tmp_path):
                         str(tmp_path / "r"), "--no-gradcam", "--trial", "t0"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "r" / "index.html").is_file() and "open file://" in r.stdout
-    p, text = _parse(tmp_path / "r" / "index.html")
-    assert len(_table_with(p, "test AUC")) == 1
+    p, _ = _parse(tmp_path / "r" / "index.html")
+    assert [i for i in p.ids if i.startswith("m-")] == ["m-t0"]  # only the trial asked for
     assert not list((tmp_path / "r" / "img").glob("g_*_t0.png"))  # no heat maps asked for
 
 

@@ -1,1 +1,1 @@
-"""Report stage: the HTML page (``skinsweep report``), its plots and Grad-CAM heat maps."""
+"""Report stage: the HTML page (``skinsweep report``): its tables, plots, Grad-CAM heat maps and template."""

@@ -25,45 +25,29 @@ def ensemble_plots(out: Path, y_val: np.ndarray, y_test: np.ndarray, member_prob
                    ens_val_uncal: np.ndarray, cal_val: np.ndarray, cal_test: np.ndarray, threshold: float) -> dict:
     """ROC and PR curves (test, members vs ensemble), reliability before/after calibration (validation,
     out-of-fold), confusion matrix at the chosen threshold (test). Returns {name: file name}."""
-    from sklearn.calibration import calibration_curve
-    from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score,
-                                 roc_curve)
-
-    from skinsweep.metrics import expected_calibration_error
+    from sklearn.metrics import confusion_matrix
 
     plt = _plt()
     files = {}
     curves = dict(member_probs_test) | {"ensemble (calibrated)": cal_test}
 
+    def bold(name: str) -> float:  # the ensemble stands out from its members
+        return 2.2 if name.startswith("ensemble") else 1.2
+
     fig, ax = plt.subplots()
-    for name, p in curves.items():
-        fpr, tpr, _ = roc_curve(y_test, p)
-        ax.plot(fpr, tpr, lw=2.2 if name.startswith("ensemble") else 1.2,
-                label=f"{name}  AUC {roc_auc_score(y_test, p):.3f}")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    _roc(ax, y_test, curves, lw=bold)
     ax.set(xlabel="1 − specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
            title="ROC on test")
-    ax.legend(loc="lower right")
     files["roc"] = _save(fig, out / "roc.png")
 
     fig, ax = plt.subplots()
-    for name, p in curves.items():
-        prec, rec, _ = precision_recall_curve(y_test, p)
-        ax.plot(rec, prec, lw=2.2 if name.startswith("ensemble") else 1.2,
-                label=f"{name}  AP {average_precision_score(y_test, p):.3f}")
-    ax.axhline(y_test.mean(), color="k", ls=":", lw=0.8, label=f"prevalence {y_test.mean():.3f}")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision–recall on test")
-    ax.legend(loc="upper right")
+    _precision_recall(ax, y_test, curves, lw=bold)
+    ax.set(title="Precision–recall on test")
     files["pr"] = _save(fig, out / "pr.png")
 
     fig, ax = plt.subplots()
-    for name, p in (("before calibration", ens_val_uncal), ("after calibration", cal_val)):
-        frac, mean = calibration_curve(y_val, p, n_bins=10, strategy="quantile")
-        ax.plot(mean, frac, "o-", ms=3, label=f"{name}  ECE {expected_calibration_error(y_val, p):.3f}")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="mean predicted probability", ylabel="observed melanoma fraction",
-           title="Reliability (validation, out-of-fold)")
-    ax.legend(loc="upper left")
+    _reliability(ax, y_val, {"before calibration": ens_val_uncal, "after calibration": cal_val})
+    ax.set(title="Reliability (validation, out-of-fold)")
     files["reliability"] = _save(fig, out / "reliability.png")
 
     cm = confusion_matrix(y_test, (cal_test >= threshold).astype(int), labels=[0, 1])
@@ -71,6 +55,43 @@ def ensemble_plots(out: Path, y_val: np.ndarray, y_test: np.ndarray, member_prob
     _confusion(ax, cm, f"Test at threshold {threshold:.3f}")
     files["confusion"] = _save(fig, out / "confusion.png")
     return files
+
+
+def _roc(ax, y: np.ndarray, probs: dict[str, np.ndarray], lw=lambda name: 1.5) -> None:
+    """One ROC curve per model (AUC in the legend) and the chance diagonal."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    for name, p in probs.items():
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=lw(name), label=f"{name}  AUC {roc_auc_score(y, p):.3f}")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.legend(loc="lower right")
+
+
+def _precision_recall(ax, y: np.ndarray, probs: dict[str, np.ndarray], lw=lambda name: 1.5) -> None:
+    """One precision-recall curve per model (AP in the legend) and the prevalence line."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    for name, p in probs.items():
+        prec, rec, _ = precision_recall_curve(y, p)
+        ax.plot(rec, prec, lw=lw(name), label=f"{name}  AP {average_precision_score(y, p):.3f}")
+    ax.axhline(y.mean(), color="k", ls=":", lw=0.8, label=f"prevalence {y.mean():.3f}")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision")
+    ax.legend(loc="upper right")
+
+
+def _reliability(ax, y: np.ndarray, probs: dict[str, np.ndarray]) -> None:
+    """Reliability diagram (10 quantile bins), ECE in the legend, and the diagonal."""
+    from sklearn.calibration import calibration_curve
+
+    from skinsweep.metrics import expected_calibration_error
+
+    for name, p in probs.items():
+        frac, mean = calibration_curve(y, p, n_bins=10, strategy="quantile")
+        ax.plot(mean, frac, "o-", ms=3, label=f"{name}  ECE {expected_calibration_error(y, p):.3f}".strip())
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="mean predicted probability", ylabel="observed melanoma fraction")
+    ax.legend(loc="upper left")
 
 
 def _save(fig, path: Path, tight: bool = True) -> str:
@@ -213,38 +234,23 @@ def training_curves(out: Path, name: str, h, best_epoch) -> str:
 def roc_pr(out: Path, y: np.ndarray, probs: dict[str, np.ndarray], fname: str = "roc_pr.png",
            split: str = "test") -> str:
     """ROC and precision-recall curves side by side, AUC / AP in the legends."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
-
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.0, 4.0))
-    for name, p in probs.items():
-        fpr, tpr, _ = roc_curve(y, p)
-        a1.plot(fpr, tpr, lw=1.5, label=f"{name}  AUC {roc_auc_score(y, p):.3f}")
-        prec, rec, _ = precision_recall_curve(y, p)
-        a2.plot(rec, prec, lw=1.5, label=f"{name}  AP {average_precision_score(y, p):.3f}")
-    a1.plot([0, 1], [0, 1], "k:", lw=0.8)
-    a2.axhline(y.mean(), color="k", ls=":", lw=0.8, label=f"prevalence {y.mean():.3f}")
+    _roc(a1, y, probs)
+    _precision_recall(a2, y, probs)
     a1.set(xlabel="1 − specificity", ylabel="sensitivity", title=f"ROC on {split}")
-    a2.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"Precision–recall on {split}")
-    a1.legend(loc="lower right")
-    a2.legend(loc="upper right")
+    a2.set(title=f"Precision–recall on {split}")
     return _save(fig, out / fname)
 
 
 def reliability_and_confusion(out: Path, name: str, y: np.ndarray, p: np.ndarray, threshold: float) -> str:
     """Reliability diagram (with ECE) and confusion matrices at 0.5 and at ``threshold``."""
-    from sklearn.calibration import calibration_curve
     from sklearn.metrics import confusion_matrix
-
-    from skinsweep.metrics import expected_calibration_error
 
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.4), gridspec_kw={"width_ratios": [1.25, 1, 1]})
-    frac, mean = calibration_curve(y, p, n_bins=10, strategy="quantile")
-    axes[0].plot(mean, frac, "o-", ms=3, label=f"ECE {expected_calibration_error(y, p):.3f}")
-    axes[0].plot([0, 1], [0, 1], "k:", lw=0.8)
-    axes[0].set(xlabel="mean predicted probability", ylabel="observed melanoma fraction", title="Reliability (test)")
-    axes[0].legend(loc="upper left")
+    _reliability(axes[0], y, {"": p})
+    axes[0].set(title="Reliability (test)")
     for ax, thr, title in ((axes[1], 0.5, "at 0.5"), (axes[2], threshold, f"at {threshold:.3f} (chosen on val)")):
         cm = confusion_matrix(y, (p >= thr).astype(int), labels=[0, 1])
         _confusion(ax, cm, f"Test {title}")
