@@ -17,19 +17,16 @@ Everything is fitted on **validation** predictions only; **test** is scored once
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
 
 import numpy as np
 import pandas as pd
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from skinsweep.ensemble.recipe import EnsembleRecipe, MembersSpec, load_ensemble_recipe  # noqa: F401
 from skinsweep.errors import ConfigError, short_list
 from skinsweep.files import atomic_path, atomic_write_text, json_safe
+from skinsweep.metrics import sigmoid
 
 REPORT_JSON = "report.json"
 PREDICTIONS = "predictions.parquet"
@@ -97,10 +94,6 @@ def aligned_logits(preds: pd.DataFrame, members: list[str], split: str) -> tuple
     return rows, wide.to_numpy(dtype=np.float64)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def _groups(rows: pd.DataFrame) -> np.ndarray:
     return rows["lesion_id"].fillna(rows["image_id"]).astype(str).to_numpy()
 
@@ -118,10 +111,10 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     folder to read ``combiner.metadata`` from (default: the one the members were trained on).
     """
     from skinsweep.ensemble.calibrators import choose_threshold, make_calibrator
-    from skinsweep.ensemble.combiners import combiner_from_dict, make_combiner
+    from skinsweep.ensemble.combiners import Combiner, make_combiner
+    from skinsweep.ensemble.stats import bootstrap_metrics, delong_test
     from skinsweep.metrics import binary_metrics
     from skinsweep.results import load
-    from skinsweep.ensemble.stats import bootstrap_metrics, delong_test
 
     recipe = load_ensemble_recipe(recipe_path, list(overrides))
     res = load(results_dir)
@@ -159,7 +152,7 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
         keep = np.flatnonzero(w > 0)
         d["state"]["weights"] = (w[keep] / w[keep].sum()).tolist()
         d["state"]["n_members"] = int(len(keep))
-        combiner = combiner_from_dict(d)
+        combiner = Combiner.from_dict(d)
         members = [candidates[i] for i in keep]
         weights = np.asarray(d["state"]["weights"])
         Xv, Xt = Xv[:, keep], Xt[:, keep]
@@ -172,19 +165,19 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
 
     # ---- 5. operating point on val ---------------------------------------------------------------
     thr = float(choose_threshold(yv, cal_val, **recipe.threshold.kwargs()))
-    member_thr = {m: float(choose_threshold(yv, _sigmoid(Xv[:, j]), **recipe.threshold.kwargs()))
+    member_thr = {m: float(choose_threshold(yv, sigmoid(Xv[:, j]), **recipe.threshold.kwargs()))
                   for j, m in enumerate(members)}
 
     # ---- 6. report on test -----------------------------------------------------------------------
     label = {m: _member_label(trials, m) for m in members}
-    probs_test = {label[m]: _sigmoid(Xt[:, j]) for j, m in enumerate(members)} | {"ensemble": cal_test}
+    probs_test = {label[m]: sigmoid(Xt[:, j]) for j, m in enumerate(members)} | {"ensemble": cal_test}
     thresholds = {label[m]: member_thr[m] for m in members} | {"ensemble": thr}
     ci = bootstrap_metrics(yt, probs_test, groups=_groups(test_rows), threshold=thresholds,
                            n_boot=recipe.report.n_boot, seed=recipe.report.seed,
                            spec_for_sens=recipe.report.spec_for_sens)
-    val_auc = {m: binary_metrics(yv, _sigmoid(Xv[:, j]))["auc"] for j, m in enumerate(members)}
+    val_auc = {m: binary_metrics(yv, sigmoid(Xv[:, j]))["auc"] for j, m in enumerate(members)}
     best = max(members, key=lambda m: val_auc[m])  # "best single member" is chosen on validation too
-    dl = delong_test(yt, cal_test, _sigmoid(Xt[:, members.index(best)]))
+    dl = delong_test(yt, cal_test, sigmoid(Xt[:, members.index(best)]))
 
     report = {
         "name": recipe.name, "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
@@ -197,7 +190,7 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
         "calibrator": calibrator.to_dict(), "threshold": thr,
         "threshold_rule": recipe.threshold.kwargs(),
         "split_hash": str(preds.loc[preds["trial_id"] == members[0], "split_hash"].iloc[0]),
-        "val": {"ensemble_uncalibrated": binary_metrics(yv, _sigmoid(ens_val), threshold=0.5),
+        "val": {"ensemble_uncalibrated": binary_metrics(yv, sigmoid(ens_val), threshold=0.5),
                 "ensemble": binary_metrics(yv, cal_val, threshold=thr)},
         "test": _ci_table(ci), "delong_vs_best": dl,
         "n": {"val": int(len(yv)), "val_pos": int(yv.sum()), "test": int(len(yt)), "test_pos": int(yt.sum())},
@@ -205,16 +198,16 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     out.mkdir(parents=True, exist_ok=True)
     table = []
     for split, rows, X, ens, cal in (("val", val_rows, Xv, ens_val, cal_val), ("test", test_rows, Xt, ens_test, cal_test)):
-        raw = {f: meta.rows[split][f].to_numpy() for f in meta.encoder.features} if meta else {}
-        df = rows.assign(split=split, **raw, **{f"prob_{m}": _sigmoid(X[:, j]) for j, m in enumerate(members)},
-                         ensemble_prob=_sigmoid(ens), calibrated_prob=cal, decision=(cal >= thr).astype("int8"))
+        raw = {f: meta.rows[split][f].to_numpy() for f in meta.encoder.features_} if meta else {}
+        df = rows.assign(split=split, **raw, **{f"prob_{m}": sigmoid(X[:, j]) for j, m in enumerate(members)},
+                         ensemble_prob=sigmoid(ens), calibrated_prob=cal, decision=(cal >= thr).astype("int8"))
         table.append(df)
     with atomic_path(out / PREDICTIONS) as tmp:
         pd.concat(table, ignore_index=True).to_parquet(tmp, index=False)
     from skinsweep.report.plots import ensemble_plots
 
-    report["plots"] = ensemble_plots(out, yv, yt, {label[m]: _sigmoid(Xt[:, j]) for j, m in enumerate(members)},
-                                     ens_val_uncal=_sigmoid(ens_val), cal_val=cal_val, cal_test=cal_test, threshold=thr)
+    report["plots"] = ensemble_plots(out, yv, yt, {label[m]: sigmoid(Xt[:, j]) for j, m in enumerate(members)},
+                                     ens_val_uncal=sigmoid(ens_val), cal_val=cal_val, cal_test=cal_test, threshold=thr)
     if bundle:
         from skinsweep.ensemble.bundle import export_bundle
 
