@@ -147,14 +147,12 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
                                     extra=extra["val"])
     members = candidates
     if recipe.members.rule == "greedy":  # deploy only the members the final selection kept
+        keep = np.flatnonzero(combiner.weights_ > 0)
         d = combiner.to_dict()
-        w = np.asarray(d["state"]["weights"], dtype=float)
-        keep = np.flatnonzero(w > 0)
-        d["state"]["weights"] = (w[keep] / w[keep].sum()).tolist()
-        d["state"]["n_members"] = int(len(keep))
+        d["state"].update(weights=(combiner.weights_[keep] / combiner.weights_[keep].sum()).tolist(),
+                          n_members=len(keep))
         combiner = Combiner.from_dict(d)
-        members = [candidates[i] for i in keep]
-        weights = np.asarray(d["state"]["weights"])
+        members, weights = [candidates[i] for i in keep], combiner.weights_
         Xv, Xt = Xv[:, keep], Xt[:, keep]
     ens_test = combiner.predict_logit(Xt, extra=extra["test"])
 

@@ -15,8 +15,7 @@ deployment::
 
 Calibrators follow the scikit-learn estimator contract of :mod:`skinsweep.ensemble.estimator`
 (keyword-only parameters, validation in ``fit``, fitted state in ``attr_``, ``check_is_fitted``
-before predicting, ``clone``-able, one JSON round trip), with
-one deliberate difference: ``predict_proba`` returns the melanoma probability with shape ``(N,)``,
+before predicting, ``clone``-able, one JSON round trip), with one deliberate difference: ``predict_proba`` returns the melanoma probability with shape ``(N,)``,
 not scikit-learn's ``(N, 2)``, because every consumer here wants the positive class only.
 
 Cross-fitting (``fit_crossfit``, :func:`skinsweep.ensemble.estimator.crossfit_predict`, shared with the

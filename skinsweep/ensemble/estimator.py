@@ -29,9 +29,11 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
 from skinsweep.errors import ConfigError, did_you_mean, short_list
+from skinsweep.files import json_safe
 
-__all__ = ["REGISTRY", "SkinsweepEstimator", "check_groups", "check_int", "check_labels", "check_logits",
-           "check_positive", "crossfit_folds", "crossfit_predict", "estimator_names", "make", "register"]
+__all__ = ["REGISTRY", "UPGRADES", "SkinsweepEstimator", "check_groups", "check_int", "check_labels",
+           "check_logits", "check_positive", "crossfit_folds", "crossfit_predict", "estimator_names",
+           "float_array", "make", "register"]
 
 # ----------------------------------------------------------------------------- input validation
 
@@ -238,17 +240,6 @@ def make(family: str, kind: str, **params: Any) -> SkinsweepEstimator:
 # ----------------------------------------------------------------------------- base class + JSON
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain Python scalars / lists for json.dumps; float64 -> float keeps the value exactly."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def float_array(value: Any) -> np.ndarray:
     """State converter: a float64 array (bit-exact from JSON floats)."""
     return np.asarray(value, dtype=np.float64)
@@ -279,14 +270,10 @@ class SkinsweepEstimator(BaseEstimator):
         return f"skinsweep.{cls.family}/{cls.version}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able ``{"format", "kind", "params", "state"}``; each class documents its state."""
+        """JSON-able ``{"format", "kind", "params", "state"}`` (floats exact); each class documents its state."""
         check_is_fitted(self)
-        return {
-            "format": self.json_format(),
-            "kind": self.kind,
-            "params": {k: _jsonable(v) for k, v in self.get_params().items()},
-            "state": {k: _jsonable(getattr(self, f"{k}_")) for k in self.state_fields},
-        }
+        return json_safe({"format": self.json_format(), "kind": self.kind, "params": self.get_params(),
+                          "state": {k: getattr(self, f"{k}_") for k in self.state_fields}})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SkinsweepEstimator:
@@ -319,4 +306,4 @@ class SkinsweepEstimator(BaseEstimator):
         return obj
 
     def _check_state(self) -> None:
-        """Hook: validate a state loaded by :meth:`from_dict` (raise ConfigError), derive the rest."""
+        """Hook: check a state loaded by :meth:`from_dict` for consistency; raise ConfigError if not."""

@@ -150,13 +150,8 @@ class MetadataEncoder(SkinsweepEstimator):
         return names + ([f"site={s}" for s in self.sites_] if "site" in self.features_ else [])
 
     def _check_state(self) -> None:
-        try:
-            complete = (self.features_ == check_features(self.features)
-                        and ("age" not in self.features_ or self.age_mean_ is not None)
-                        and ("site" not in self.features_ or self.sites_ is not None))
-        except ConfigError:
-            complete = False
-        if not complete:
+        fitted = {"age": self.age_mean_, "site": self.sites_, "sex": SEXES}
+        if self.features_ != check_features(self.features) or any(fitted[f] is None for f in self.features_):
             raise ConfigError("metadata encoder dict is incomplete (features / age_mean / sites); rebuild the bundle")
         if self._names() != self.feature_names_:
             raise ConfigError("metadata encoder dict: feature_names do not match its features; rebuild the bundle")
