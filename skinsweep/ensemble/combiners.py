@@ -432,7 +432,8 @@ class GreedyEnsemble(Combiner):
     ``fit`` for inspection but is not part of ``to_dict``.
     """
 
-    state_fields = WeightedMean.state_fields
+    state_fields = WeightedMean.state_fields  # weights_, checked the same way on loading
+    _check_state = WeightedMean._check_state
 
     def __init__(
         self,
@@ -454,8 +455,6 @@ class GreedyEnsemble(Combiner):
 
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
         return _logit_of_mean_prob(X, self.weights_)
-
-    _check_state = WeightedMean._check_state
 
 
 def list_combiners() -> list[str]:

@@ -44,7 +44,7 @@ import pandas as pd
 from scipy.special import ndtr, ndtri
 from scipy.stats import rankdata
 
-from skinsweep.ensemble.estimator import check_groups
+from skinsweep.ensemble.estimator import check_groups, check_int
 from skinsweep.errors import ConfigError, short_list
 from skinsweep.metrics import _check_fraction, _check_inputs, binary_metrics, sensitivity_at_specificity
 
@@ -207,8 +207,7 @@ def _validate(
     codes = _check_groups(groups, y.shape[0])
     thr = _check_thresholds(threshold, list(ps))
     spec = _check_fraction("spec_for_sens", spec_for_sens)
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 100:
-        raise ConfigError(f"n_boot must be an integer >= 100 for a percentile CI, got {n_boot!r}; use 2000")
+    check_int("n_boot", n_boot, 100, "a percentile CI needs at least 100 resamples; use 2000")
     return y, ps, codes, thr, spec
 
 
