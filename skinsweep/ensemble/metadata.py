@@ -37,7 +37,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-
 from sklearn.utils.validation import check_is_fitted
 
 from skinsweep.ensemble.estimator import UPGRADES, SkinsweepEstimator, register
