@@ -219,7 +219,7 @@ def _lookup(family: str, kind: Any) -> type[SkinsweepEstimator]:
         return REGISTRY[(family, kind)]
     names = estimator_names(family)
     raise ConfigError(f"unknown {family} {kind!r}{did_you_mean(kind, names, cutoff=0.5, lower=True)}; "
-                      f"valid names are {short_list(names, 20)} (list_{family}s())")
+                      f"valid names are {short_list(names, 20)}")
 
 
 def _construct(cls: type[SkinsweepEstimator], params: dict[str, Any]) -> SkinsweepEstimator:
