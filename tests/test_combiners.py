@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 from skinsweep.ensemble.combiners import (
     Combiner,
@@ -16,9 +16,6 @@ from skinsweep.ensemble.combiners import (
     MeanProb,
     Stacking,
     WeightedMean,
-    _ap_columns,
-    _auc_columns,
-    combiner_from_dict,
     greedy_selection,
     list_combiners,
     make_combiner,
@@ -212,19 +209,6 @@ def test_greedy_ensemble_predicts_weighted_mean_probability() -> None:
     np.testing.assert_allclose(_sigmoid(comb.predict_logit(X)), expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("decimals", [None, 2, 1])  # rounding creates many tied scores
-def test_column_metrics_match_sklearn(decimals) -> None:
-    rng = np.random.default_rng(8)
-    y = (rng.random(300) < 0.15).astype(int)
-    S = 0.5 * y[:, None] + rng.random((300, 12))
-    if decimals is not None:
-        S = np.round(S, decimals)
-    auc, ap = _auc_columns(S, y), _ap_columns(S, y)
-    for j in range(S.shape[1]):
-        assert auc[j] == pytest.approx(roc_auc_score(y, S[:, j]), abs=1e-12)
-        assert ap[j] == pytest.approx(average_precision_score(y, S[:, j]), abs=1e-12)
-
-
 # ----------------------------------------------------------------------------- JSON round trip
 
 
@@ -244,7 +228,7 @@ def test_to_dict_round_trip_predicts_identically(name: str, kwargs: dict, use_ex
     X, y = _members(300, [1.0, 0.5, 0.0], seed=9, shift=np.log(8))
     extra = np.column_stack([np.arange(300) % 2, np.linspace(20, 80, 300)]) if use_extra else None
     comb = make_combiner(name, **kwargs).fit(X, y, extra=extra)
-    loaded = combiner_from_dict(json.loads(json.dumps(comb.to_dict(), allow_nan=False)))
+    loaded = Combiner.from_dict(json.loads(json.dumps(comb.to_dict(), allow_nan=False)))
     assert type(loaded) is type(comb) and loaded.get_params() == comb.get_params()
     np.testing.assert_allclose(loaded.predict_logit(X, extra=extra), comb.predict_logit(X, extra=extra),
                                rtol=0, atol=1e-12)
@@ -272,7 +256,7 @@ def _fit(name: str, X=None, y=None, **kw):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: make_combiner("stack"), "unknown combiner 'stack'; did you mean 'stacking'"),
+        (lambda: make_combiner("stack"), r"unknown combiner 'stack' \(did you mean stacking\?\); valid names"),
         (lambda: make_combiner("stacking", alpha=1.0), "'stacking' has no parameter 'alpha'; valid parameters are C, max_iter"),
         (_fit("stacking", C=-1.0), "C must be a finite number > 0"),
         (_fit("weighted", weights=[1.0, -1.0]), "weights must be 2 finite non-negative numbers"),
@@ -291,7 +275,7 @@ def _fit(name: str, X=None, y=None, **kw):
          "fitted with 1 extra feature"),
         (lambda: Stacking().fit_crossfit(np.zeros((6, 2)), [0, 1] * 3, None), "n_splits=5 needs at least 5 images of one"),
         (lambda: Stacking().fit_crossfit(np.zeros((6, 2)), [0, 0, 0, 0, 0, 1], None), "at least 2 melanoma"),
-        (lambda: combiner_from_dict({"format": "skinsweep.calibrator/1"}), "expected format 'skinsweep.combiner/1'"),
+        (lambda: Combiner.from_dict({"format": "skinsweep.calibrator/1"}), "expected format 'skinsweep.combiner/1'"),
     ],
 )
 def test_combiner_errors(call, match: str) -> None:
@@ -301,4 +285,15 @@ def test_combiner_errors(call, match: str) -> None:
 
 def test_registry_lists_every_combiner() -> None:
     assert list_combiners() == ["greedy", "mean_logit", "mean_prob", "stacking", "weighted"]
-    assert make_combiner("greedy", top_n=None).top_n is None  # None kwargs keep the default
+
+
+def test_none_keywords_keep_the_default_behaviour() -> None:
+    # build_ensemble passes greedy top_n=None ("the candidates are already chosen"): every member is
+    # in the pool, as with top_n=M, and more than the single best member ends up selected
+    X, y = _members(600, [1.0, 0.9, 0.8, 0.1, 0.0], seed=6)
+    every = make_combiner("greedy", top_n=None, n_iter=30).fit(X, y)
+    np.testing.assert_array_equal(every.weights_, greedy_selection(X, y, n_iter=30, top_n=5).weights)
+    assert np.count_nonzero(every.weights_) > 1
+    # weights=None means "fit them": informative members get the weight
+    fitted = make_combiner("weighted", weights=None).fit(X, y).weights_
+    assert fitted[:3].sum() > 0.8

@@ -24,8 +24,8 @@ SITES = ["back", "face", "trunk", "lower extremity"]
 def test_encoder_encodes_missing_and_unseen_values_as_unknown():
     val = pd.DataFrame({"age": [40.0, None, 60.0], "sex": ["male", "Female ", None],
                         "site": ["back", "face", ""]})
-    enc = MetadataEncoder(features=["site", "age", "sex"]).fit(val)  # kept in canonical order
-    assert enc.features == ["age", "sex", "site"]
+    enc = MetadataEncoder(features=["site", "age", "sex"]).fit(val)  # encoded in canonical order
+    assert enc.features_ == ["age", "sex", "site"]
     assert enc.feature_names_ == ["age", "age_missing", "sex=female", "sex=male", "sex=unknown",
                                   "site=back", "site=face", "site=unknown"]
     new = pd.DataFrame({"age": ["", "35"], "sex": ["other", "MALE"], "site": ["scalp", "Back"]})
@@ -47,6 +47,23 @@ def test_encoder_round_trips_through_json():
     d["state"]["sites"] = d["state"]["sites"][:-1]
     with pytest.raises(ConfigError, match="feature_names do not match"):
         MetadataEncoder.from_dict(d)
+    d = enc.to_dict()
+    d["state"]["age_mean"] = None
+    with pytest.raises(ConfigError, match="metadata encoder dict is incomplete"):
+        MetadataEncoder.from_dict(d)
+
+
+# What bundles built before the shared estimator contract hold (format version 1).
+V1_ENCODER = {"format": "skinsweep.ensemble.metadata/1", "features": ["age", "site"],
+              "state": {"feature_names": ["age", "age_missing", "site=back", "site=face", "site=unknown"],
+                        "age_mean": 51.25, "sites": ["back", "face", "unknown"]}}
+
+
+def test_encoder_loads_version_1_json():
+    enc = MetadataEncoder.from_dict(V1_ENCODER)
+    new = pd.DataFrame({"age": ["", "35"], "sex": ["male", "female"], "site": ["face", "scalp"]})
+    np.testing.assert_array_equal(enc.transform(new), [[51.25, 1, 0, 1, 0], [35.0, 0, 0, 0, 1]])
+    assert enc.to_dict()["format"] == "skinsweep.metadata/2"
 
 
 @pytest.mark.parametrize("column, values, message", [
@@ -187,7 +204,7 @@ def test_encoder_is_fitted_on_validation_rows_only(informative, tmp_path):
 def test_noise_metadata_does_not_leak_into_validation_scores(noise, tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from skinsweep.ensemble.combiners import combiner_from_dict
+    from skinsweep.ensemble.combiners import Combiner
 
     _, results = noise
     base = _build(tmp_path, results, "base")
@@ -199,7 +216,7 @@ def test_noise_metadata_does_not_leak_into_validation_scores(noise, tmp_path):
     val = preds[preds["split"] == "val"]
     X = np.log(val[["prob_m0", "prob_m1"]].to_numpy() / (1 - val[["prob_m0", "prob_m1"]].to_numpy()))
     enc = MetadataEncoder.from_dict(meta["metadata"]["encoder"])
-    in_sample = combiner_from_dict(meta["combiner"]).predict_logit(X, extra=enc.transform(val))
+    in_sample = Combiner.from_dict(meta["combiner"]).predict_logit(X, extra=enc.transform(val))
     assert roc_auc_score(val["label"], in_sample) > oof["meta"] + 0.01
 
 

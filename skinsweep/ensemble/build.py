@@ -17,19 +17,16 @@ Everything is fitted on **validation** predictions only; **test** is scored once
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
 
 import numpy as np
 import pandas as pd
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from skinsweep.ensemble.recipe import EnsembleRecipe, MembersSpec, load_ensemble_recipe  # noqa: F401
 from skinsweep.errors import ConfigError, short_list
 from skinsweep.files import atomic_path, atomic_write_text, json_safe
+from skinsweep.metrics import sigmoid
 
 REPORT_JSON = "report.json"
 PREDICTIONS = "predictions.parquet"
@@ -97,10 +94,6 @@ def aligned_logits(preds: pd.DataFrame, members: list[str], split: str) -> tuple
     return rows, wide.to_numpy(dtype=np.float64)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def _groups(rows: pd.DataFrame) -> np.ndarray:
     return rows["lesion_id"].fillna(rows["image_id"]).astype(str).to_numpy()
 
@@ -118,10 +111,10 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     folder to read ``combiner.metadata`` from (default: the one the members were trained on).
     """
     from skinsweep.ensemble.calibrators import choose_threshold, make_calibrator
-    from skinsweep.ensemble.combiners import combiner_from_dict, make_combiner
+    from skinsweep.ensemble.combiners import Combiner, make_combiner
+    from skinsweep.ensemble.stats import bootstrap_metrics, delong_test
     from skinsweep.metrics import binary_metrics
     from skinsweep.results import load
-    from skinsweep.ensemble.stats import bootstrap_metrics, delong_test
 
     recipe = load_ensemble_recipe(recipe_path, list(overrides))
     res = load(results_dir)
@@ -154,14 +147,12 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
                                     extra=extra["val"])
     members = candidates
     if recipe.members.rule == "greedy":  # deploy only the members the final selection kept
+        keep = np.flatnonzero(combiner.weights_ > 0)
         d = combiner.to_dict()
-        w = np.asarray(d["state"]["weights"], dtype=float)
-        keep = np.flatnonzero(w > 0)
-        d["state"]["weights"] = (w[keep] / w[keep].sum()).tolist()
-        d["state"]["n_members"] = int(len(keep))
-        combiner = combiner_from_dict(d)
-        members = [candidates[i] for i in keep]
-        weights = np.asarray(d["state"]["weights"])
+        d["state"].update(weights=(combiner.weights_[keep] / combiner.weights_[keep].sum()).tolist(),
+                          n_members=len(keep))
+        combiner = Combiner.from_dict(d)
+        members, weights = [candidates[i] for i in keep], combiner.weights_
         Xv, Xt = Xv[:, keep], Xt[:, keep]
     ens_test = combiner.predict_logit(Xt, extra=extra["test"])
 
@@ -171,25 +162,26 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     cal_test = calibrator.predict_proba(ens_test)
 
     # ---- 5. operating point on val ---------------------------------------------------------------
+    Pv, Pt = sigmoid(Xv), sigmoid(Xt)  # member probabilities (N, M)
     thr = float(choose_threshold(yv, cal_val, **recipe.threshold.kwargs()))
-    member_thr = {m: float(choose_threshold(yv, _sigmoid(Xv[:, j]), **recipe.threshold.kwargs()))
-                  for j, m in enumerate(members)}
+    member_thr = {m: float(choose_threshold(yv, Pv[:, j], **recipe.threshold.kwargs())) for j, m in enumerate(members)}
 
     # ---- 6. report on test -----------------------------------------------------------------------
-    label = {m: _member_label(trials, m) for m in members}
-    probs_test = {label[m]: _sigmoid(Xt[:, j]) for j, m in enumerate(members)} | {"ensemble": cal_test}
+    by_id = trials.set_index("trial_id")
+    label = {m: f"{by_id.loc[m, 'backbone']}/{by_id.loc[m, 'mode']}/{m}" for m in members}
+    member_test = {label[m]: Pt[:, j] for j, m in enumerate(members)}
     thresholds = {label[m]: member_thr[m] for m in members} | {"ensemble": thr}
-    ci = bootstrap_metrics(yt, probs_test, groups=_groups(test_rows), threshold=thresholds,
+    ci = bootstrap_metrics(yt, member_test | {"ensemble": cal_test}, groups=_groups(test_rows), threshold=thresholds,
                            n_boot=recipe.report.n_boot, seed=recipe.report.seed,
                            spec_for_sens=recipe.report.spec_for_sens)
-    val_auc = {m: binary_metrics(yv, _sigmoid(Xv[:, j]))["auc"] for j, m in enumerate(members)}
+    val_auc = {m: binary_metrics(yv, Pv[:, j])["auc"] for j, m in enumerate(members)}
     best = max(members, key=lambda m: val_auc[m])  # "best single member" is chosen on validation too
-    dl = delong_test(yt, cal_test, _sigmoid(Xt[:, members.index(best)]))
+    dl = delong_test(yt, cal_test, Pt[:, members.index(best)])
 
     report = {
         "name": recipe.name, "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
         "results": str(Path(results_dir)), "members": [
-            {"trial_id": m, "label": label[m], "backbone": _col(trials, m, "backbone"), "mode": _col(trials, m, "mode"),
+            {"trial_id": m, "label": label[m], "backbone": by_id.loc[m, "backbone"], "mode": by_id.loc[m, "mode"],
              "weight": None if weights is None else float(weights[j]), "val_auc": val_auc[m], "threshold": member_thr[m]}
             for j, m in enumerate(members)],
         "best_member": {"trial_id": best, "label": label[best], "chosen_by": "val AUC"},
@@ -197,24 +189,26 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
         "calibrator": calibrator.to_dict(), "threshold": thr,
         "threshold_rule": recipe.threshold.kwargs(),
         "split_hash": str(preds.loc[preds["trial_id"] == members[0], "split_hash"].iloc[0]),
-        "val": {"ensemble_uncalibrated": binary_metrics(yv, _sigmoid(ens_val), threshold=0.5),
+        "val": {"ensemble_uncalibrated": binary_metrics(yv, sigmoid(ens_val), threshold=0.5),
                 "ensemble": binary_metrics(yv, cal_val, threshold=thr)},
-        "test": _ci_table(ci), "delong_vs_best": dl,
+        "test": {model: t.set_index("metric")[["estimate", "lo", "hi"]].to_dict("index")
+                 for model, t in ci.groupby("model", sort=False)},
+        "delong_vs_best": dl,
         "n": {"val": int(len(yv)), "val_pos": int(yv.sum()), "test": int(len(yt)), "test_pos": int(yt.sum())},
     }
     out.mkdir(parents=True, exist_ok=True)
     table = []
-    for split, rows, X, ens, cal in (("val", val_rows, Xv, ens_val, cal_val), ("test", test_rows, Xt, ens_test, cal_test)):
-        raw = {f: meta.rows[split][f].to_numpy() for f in meta.encoder.features} if meta else {}
-        df = rows.assign(split=split, **raw, **{f"prob_{m}": _sigmoid(X[:, j]) for j, m in enumerate(members)},
-                         ensemble_prob=_sigmoid(ens), calibrated_prob=cal, decision=(cal >= thr).astype("int8"))
+    for split, rows, P, ens, cal in (("val", val_rows, Pv, ens_val, cal_val), ("test", test_rows, Pt, ens_test, cal_test)):
+        raw = {f: meta.rows[split][f].to_numpy() for f in meta.encoder.features_} if meta else {}
+        df = rows.assign(split=split, **raw, **{f"prob_{m}": P[:, j] for j, m in enumerate(members)},
+                         ensemble_prob=sigmoid(ens), calibrated_prob=cal, decision=(cal >= thr).astype("int8"))
         table.append(df)
     with atomic_path(out / PREDICTIONS) as tmp:
         pd.concat(table, ignore_index=True).to_parquet(tmp, index=False)
     from skinsweep.report.plots import ensemble_plots
 
-    report["plots"] = ensemble_plots(out, yv, yt, {label[m]: _sigmoid(Xt[:, j]) for j, m in enumerate(members)},
-                                     ens_val_uncal=_sigmoid(ens_val), cal_val=cal_val, cal_test=cal_test, threshold=thr)
+    report["plots"] = ensemble_plots(out, yv, yt, member_test,
+                                     ens_val_uncal=sigmoid(ens_val), cal_val=cal_val, cal_test=cal_test, threshold=thr)
     if bundle:
         from skinsweep.ensemble.bundle import export_bundle
 
@@ -222,22 +216,6 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
                                              metadata=meta.encoder if meta else None))
     atomic_write_text(out / REPORT_JSON, json.dumps(json_safe(report), indent=2))
     return report
-
-
-def _member_label(trials: pd.DataFrame, m: str) -> str:
-    r = trials.set_index("trial_id").loc[m]
-    return f"{r['backbone']}/{r['mode']}/{m}"
-
-
-def _col(trials: pd.DataFrame, m: str, col: str):
-    return trials.set_index("trial_id").loc[m, col]
-
-
-def _ci_table(ci: pd.DataFrame) -> dict:
-    out: dict[str, dict] = {}
-    for _, r in ci.iterrows():
-        out.setdefault(r["model"], {})[r["metric"]] = {"estimate": r["estimate"], "lo": r["lo"], "hi": r["hi"]}
-    return out
 
 
 __all__ = ["EnsembleRecipe", "aligned_logits", "build_ensemble", "load_ensemble_recipe", "select_candidates"]

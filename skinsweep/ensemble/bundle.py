@@ -30,6 +30,7 @@ import pandas as pd
 from skinsweep.data.index import IMAGE_EXTENSIONS, read_rgb
 from skinsweep.errors import ConfigError, DataError
 from skinsweep.files import atomic_write_text
+from skinsweep.metrics import sigmoid
 
 BUNDLE_JSON = "bundle.json"
 MANIFEST = "manifest.json"
@@ -98,7 +99,7 @@ class Bundle:
     @property
     def metadata_features(self) -> list[str]:
         """Patient metadata the bundle needs at predict time (``[]``: images only)."""
-        return list(self.metadata_encoder.features) if self.metadata_encoder is not None else []
+        return list(self.metadata_encoder.features_) if self.metadata_encoder is not None else []
 
     @property
     def member_ids(self) -> list[str]:
@@ -140,9 +141,9 @@ class Bundle:
         X = self.member_logits(images, tta=tta)
         ens = self.combiner.predict_logit(X, extra=extra)
         cal = self.calibrator.predict_proba(ens)
-        df = pd.DataFrame({f"prob_{m}": 1 / (1 + np.exp(-X[:, j])) for j, m in enumerate(self.member_ids)})
+        df = pd.DataFrame({f"prob_{m}": sigmoid(X[:, j]) for j, m in enumerate(self.member_ids)})
         df.insert(0, "image", [str(i) if isinstance(i, (str, Path)) else f"<image {k}>" for k, i in enumerate(images)])
-        df["ensemble_prob"] = 1 / (1 + np.exp(-ens))
+        df["ensemble_prob"] = sigmoid(ens)
         df["calibrated_prob"] = cal
         df["decision"] = (cal >= self.threshold).astype("int8")
         if extra is not None:
@@ -201,8 +202,8 @@ def verify_bundle(path: str | Path) -> dict:
 
 def load_bundle(path: str | Path) -> Bundle:
     """Verify and load a bundle (CPU). ``load_bundle(p).predict([...])`` scores images."""
-    from skinsweep.ensemble.calibrators import calibrator_from_dict
-    from skinsweep.ensemble.combiners import combiner_from_dict
+    from skinsweep.ensemble.calibrators import Calibrator
+    from skinsweep.ensemble.combiners import Combiner
     from skinsweep.ensemble.metadata import MetadataEncoder
     from skinsweep.train.loop import load_trial_model
 
@@ -214,7 +215,7 @@ def load_bundle(path: str | Path) -> Bundle:
         models.append(model)
         model_meta.append(mm)
     return Bundle(path=path, meta=meta, models=models, model_meta=model_meta,
-                  combiner=combiner_from_dict(meta["combiner"]), calibrator=calibrator_from_dict(meta["calibrator"]),
+                  combiner=Combiner.from_dict(meta["combiner"]), calibrator=Calibrator.from_dict(meta["calibrator"]),
                   metadata_encoder=MetadataEncoder.from_dict(meta["metadata"]) if meta.get("metadata") else None)
 
 

@@ -20,13 +20,14 @@ name             ensemble logit                                                f
 ===============  ============================================================  ===============
 
 Every combiner has the same API (``fit``, ``predict_logit``, ``fit_crossfit``, ``to_dict`` /
-``from_dict``) so callers treat them uniformly. ``fit`` records the member count, so predicting
-with a different member set fails loudly. Only ``stacking`` accepts ``extra``.
+``Combiner.from_dict``: the contract of :mod:`skinsweep.ensemble.estimator`) so callers treat them
+uniformly. ``fit`` records the member count, so predicting with a different member set fails
+loudly. Only ``stacking`` accepts ``extra``.
 
 Honest validation scores. A combiner fitted on validation rows scores them too well. ``fit_crossfit``
 returns out-of-fold logits: each row is scored by a copy fitted on the other folds, which are
-grouped by lesion (:func:`skinsweep.ensemble.calibrators.crossfit_folds`), so neither the row's own label
-nor its lesion's is used to score it. This protects against the *combiner's* overfitting only: a
+grouped by lesion (:func:`skinsweep.ensemble.estimator.crossfit_predict`), so neither the row's own
+label nor its lesion's is used to score it. This protects against the *combiner's* overfitting only: a
 member that itself saw validation labels (e.g. was early-stopped on them) leaks in a way no
 cross-fitting of the combiner can detect.
 """
@@ -39,27 +40,25 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit, logsumexp, softmax
-from sklearn.base import BaseEstimator, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
-from skinsweep.ensemble.calibrators import (
-    _construct,
-    _from_dict,
-    _jsonable,
-    _lookup,
-    _positive_float,
-    _registrar,
-    _state_field,
-    check_groups,
+from skinsweep.ensemble.estimator import (
+    SkinsweepEstimator,
+    check_int,
     check_labels,
-    crossfit_folds,
+    check_positive,
+    crossfit_predict,
+    estimator_names,
+    float_array,
+    make,
+    register,
 )
+from skinsweep.ensemble.stats import COLUMN_METRICS
 from skinsweep.errors import ConfigError
 
 __all__ = [
-    "COMBINER_FORMAT",
     "Combiner",
     "GreedyEnsemble",
     "GreedyResult",
@@ -67,13 +66,10 @@ __all__ = [
     "MeanProb",
     "Stacking",
     "WeightedMean",
-    "combiner_from_dict",
     "greedy_selection",
     "list_combiners",
     "make_combiner",
 ]
-
-COMBINER_FORMAT = "skinsweep.combiner/1"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -104,75 +100,12 @@ def _logit_of_mean_prob(X: np.ndarray, w: np.ndarray) -> np.ndarray:
     return logsumexp(log_expit(Xk), axis=1, b=wk) - logsumexp(log_expit(-Xk), axis=1, b=wk)
 
 
-def _check_weights(weights: Any, m: int, *, normalise: bool = True) -> np.ndarray:
-    """Validated weights, shape (m,); ``normalise=False`` (loading a dict) keeps them bit-exact."""
+def _check_weights(weights: Any, m: int) -> np.ndarray:
+    """Validated weights, shape (m,), normalised to sum 1."""
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (m,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ConfigError(f"weights must be {m} finite non-negative numbers, not all zero (one per member), got {weights!r}")
-    return w / w.sum() if normalise else w
-
-
-def _check_int(name: str, value: Any, low: int, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}{'; ' + hint if hint else ''}")
-    return int(value)
-
-
-# ----------------------------------------------------------------------------- fast column metrics
-# Greedy selection scores every candidate ensemble at every step: 200 candidates x 50 steps is
-# 10,000 AUCs. sklearn.metrics.roc_auc_score validates its input and builds a full ROC curve per
-# call (~2 ms each on a 2-core CI box, so ~20 s in all); sorting the whole (N, C) candidate matrix
-# once gives all C values in ~12 ms for (1500, 200). The ranks come from one argsort plus tie
-# bookkeeping rather than scipy.stats.rankdata(axis=0), which alone takes ~23 ms on that matrix and
-# would double the loop. Both metrics reproduce sklearn's values exactly, ties included
-# (tests/test_combine.py checks this), and depend only on the ordering of each column.
-
-
-def _sorted_tie_blocks(S: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort each column of ``S`` (N, C) in decreasing order and locate runs of tied scores.
-
-    Returns ``(y_sorted, start, end)``, each (N, C): the labels in sorted order, and for every
-    sorted position the first and last position of its tie block.
-    """
-    n, c = S.shape
-    order = np.argsort(-S, axis=0)  # ties are handled as blocks, so no need for (slower) stable
-    s_sorted = np.take_along_axis(S, order, axis=0)
-    pos = np.arange(n)[:, None]
-    differs = s_sorted[1:] != s_sorted[:-1]  # (N-1, C): a new block starts below
-    is_start = np.vstack([np.ones((1, c), dtype=bool), differs])
-    is_end = np.vstack([differs, np.ones((1, c), dtype=bool)])
-    start = np.maximum.accumulate(np.where(is_start, pos, 0), axis=0)
-    end = np.minimum.accumulate(np.where(is_end, pos, n - 1)[::-1], axis=0)[::-1]
-    return y[order], start, end
-
-
-def _auc_columns(S: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """ROC-AUC of every column of ``S`` (N, C) against ``y`` (N,): Mann-Whitney U from ranks.
-
-    AUC = (sum of positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), with increasing
-    1-based ranks averaged over ties, which counts tied pairs as half, exactly like roc_auc_score.
-    """
-    n = y.shape[0]
-    n_pos = int(y.sum())
-    y_sorted, start, end = _sorted_tie_blocks(S, y)
-    # Decreasing position p has increasing rank n - p; a tie block gets the mean over its positions.
-    ranks = n - (start + end) / 2.0
-    return ((ranks * y_sorted).sum(axis=0) - n_pos * (n_pos + 1) / 2.0) / (n_pos * (n - n_pos))
-
-
-def _ap_columns(S: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Average precision of every column of ``S`` (N, C), as sklearn's average_precision_score.
-
-    AP = sum over thresholds of (recall step) x precision. Tied scores form one threshold, so each
-    positive gets the precision at the end of its tie block.
-    """
-    y_sorted, _, end = _sorted_tie_blocks(S, y)
-    tp = np.cumsum(y_sorted, axis=0)
-    precision_at_end = np.take_along_axis(tp, end, axis=0) / (end + 1.0)
-    return (precision_at_end * y_sorted).sum(axis=0) / y.sum()
-
-
-_COLUMN_METRICS = {"auc": _auc_columns, "ap": _ap_columns}
+    return w / w.sum()
 
 
 # ----------------------------------------------------------------------------- greedy selection
@@ -244,12 +177,12 @@ def greedy_selection(
     """
     X = check_members(X_val, name="X_val")
     y = check_labels(y_val, X.shape[0], name="y_val")
-    if metric not in _COLUMN_METRICS:
-        raise ConfigError(f"metric must be one of {sorted(_COLUMN_METRICS)}, got {metric!r}")
-    score_columns = _COLUMN_METRICS[metric]
-    n_iter = _check_int("n_iter", n_iter, 1)
+    if metric not in COLUMN_METRICS:
+        raise ConfigError(f"metric must be one of {sorted(COLUMN_METRICS)}, got {metric!r}")
+    score_columns = COLUMN_METRICS[metric]
+    n_iter = check_int("n_iter", n_iter, 1)
     m = X.shape[1]
-    top_n = m if top_n is None else _check_int("top_n", top_n, 1)
+    top_n = m if top_n is None else check_int("top_n", top_n, 1)
     if top_n > m:
         raise ConfigError(f"top_n={top_n} exceeds the number of members ({m}); use at most {m} or None")
 
@@ -286,21 +219,13 @@ def greedy_selection(
 
 # ----------------------------------------------------------------------------- combiners
 
-COMBINERS: dict[str, type[Combiner]] = {}
+class Combiner(SkinsweepEstimator):
+    """Base class. Subclasses implement ``_fit(X, y, E)`` and ``_predict(X, E)`` and list their fitted
+    state in ``state_fields`` (``n_members_`` is recorded by ``fit`` and stored for every combiner)."""
 
-
-def register_combiner(name: str):
-    """Class decorator adding a Combiner subclass to the registry under ``name``."""
-    return _registrar(COMBINERS, "combiner", name)
-
-
-class Combiner(BaseEstimator):
-    """Base class. Subclasses implement ``_fit(X, y, E)``, ``_predict(X, E)`` and, when they have
-    fitted parameters, ``_state()`` / ``_load(state)``; ``n_members_`` is handled here."""
-
-    kind: ClassVar[str] = ""
-    uses_labels: ClassVar[bool] = True  # False: fit only records shapes, out-of-fold = in-sample
+    family = "combiner"
     accepts_extra: ClassVar[bool] = False
+    state_fields = {"n_members": int}
 
     def fit(self, X: Any, y: Any, *, extra: Any = None) -> Combiner:
         """Fit on validation member logits ``X`` (N, M), labels ``y`` (N,), optional ``extra`` (N, F)."""
@@ -331,7 +256,7 @@ class Combiner(BaseEstimator):
             X: shape (N, M), member logits on validation.
             y: shape (N,), labels in {0, 1}.
             groups: shape (N,), lesion id per image, or None (each image its own lesion).
-            n_splits, seed: see :func:`skinsweep.ensemble.calibrators.crossfit_folds`.
+            n_splits, seed: see :func:`skinsweep.ensemble.estimator.crossfit_folds`.
             extra: shape (N, F), extra features (``stacking`` only).
 
         Returns:
@@ -342,36 +267,7 @@ class Combiner(BaseEstimator):
         X = check_members(X)
         y = check_labels(y, X.shape[0], both_classes=self.uses_labels)
         E = self._check_extra(extra, X.shape[0])
-        if not self.uses_labels:  # nothing learnt from labels, so nothing to hold out
-            check_groups(groups, X.shape[0])
-            self.fit(X, y, extra=E)
-            return self.predict_logit(X, extra=E)
-        oof = np.empty(X.shape[0], dtype=np.float64)
-        for fit_idx, score_idx in crossfit_folds(y, groups, n_splits=n_splits, seed=seed):
-            part = None if E is None else E[fit_idx]
-            model = clone(self).fit(X[fit_idx], y[fit_idx], extra=part)
-            oof[score_idx] = model.predict_logit(X[score_idx], extra=None if E is None else E[score_idx])
-        self.fit(X, y, extra=E)
-        return oof
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able ``{"format", "kind", "params", "state"}``; state always has ``n_members``."""
-        check_is_fitted(self)
-        state = {"n_members": self.n_members_, **self._state()}
-        return {
-            "format": COMBINER_FORMAT,
-            "kind": self.kind,
-            "params": {k: _jsonable(v) for k, v in self.get_params().items()},
-            "state": {k: _jsonable(v) for k, v in state.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Combiner:
-        """Rebuild a fitted combiner from :meth:`to_dict` output (predicts identically)."""
-        obj = _from_dict(COMBINERS, COMBINER_FORMAT, d, "combiner", "list_combiners()")
-        if cls is not Combiner and not isinstance(obj, cls):
-            raise ConfigError(f"dict holds a {obj.kind!r} combiner, not {cls.kind!r}; use combiner_from_dict()")
-        return obj
+        return crossfit_predict(self, X, y, groups, method="predict_logit", n_splits=n_splits, seed=seed, extra=E)
 
     def _check_extra(self, extra: Any, n: int, *, fitted: bool = False) -> np.ndarray | None:
         if extra is None:
@@ -387,10 +283,6 @@ class Combiner(BaseEstimator):
             raise ConfigError(f"extra has {E.shape[1]} columns but the combiner was fitted on {self.n_extra_}")
         return E
 
-    def _set_state(self, state: dict[str, Any]) -> None:
-        self.n_members_ = int(_state_field(state, "n_members", "combiner"))
-        self._load(state)
-
     # subclass hooks
     def _fit(self, X: np.ndarray, y: np.ndarray, E: np.ndarray | None) -> None:
         pass
@@ -398,14 +290,8 @@ class Combiner(BaseEstimator):
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
-    def _state(self) -> dict[str, Any]:
-        return {}
 
-    def _load(self, state: dict[str, Any]) -> None:
-        pass
-
-
-@register_combiner("mean_prob")
+@register("mean_prob")
 class MeanProb(Combiner):
     """``logit(mean_j sigmoid(x_j))``: the classic probability-averaging ensemble. No parameters."""
 
@@ -415,7 +301,7 @@ class MeanProb(Combiner):
         return _logit_of_mean_prob(X, np.full(X.shape[1], 1.0 / X.shape[1]))
 
 
-@register_combiner("mean_logit")
+@register("mean_logit")
 class MeanLogit(Combiner):
     """``mean_j x_j``: geometric mean of odds; less swayed by one over-confident member. No parameters."""
 
@@ -425,7 +311,7 @@ class MeanLogit(Combiner):
         return X.mean(axis=1)
 
 
-@register_combiner("weighted")
+@register("weighted")
 class WeightedMean(Combiner):
     """``sum_j w_j x_j`` with ``w >= 0``, ``sum w = 1``: given, or fitted by minimising log-loss.
 
@@ -442,6 +328,8 @@ class WeightedMean(Combiner):
     Fitted state: ``weights_`` (M,).
     """
 
+    state_fields = {**Combiner.state_fields, "weights": float_array}
+
     def __init__(self, *, weights: Any = None, max_iter: int = 500) -> None:
         self.weights = weights
         self.max_iter = max_iter
@@ -455,7 +343,7 @@ class WeightedMean(Combiner):
         if self.weights is not None:
             self.weights_ = _check_weights(self.weights, m)
             return
-        max_iter = _check_int("max_iter", self.max_iter, 1)
+        max_iter = check_int("max_iter", self.max_iter, 1)
         yf = y.astype(np.float64)
 
         def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
@@ -475,14 +363,11 @@ class WeightedMean(Combiner):
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
         return X @ self.weights_
 
-    def _state(self) -> dict[str, Any]:
-        return {"weights": self.weights_}
-
-    def _load(self, state: dict[str, Any]) -> None:
-        self.weights_ = _check_weights(_state_field(state, "weights", "combiner"), self.n_members_, normalise=False)
+    def _check_state(self) -> None:
+        _check_weights(self.weights_, self.n_members_)  # validation only: loaded weights stay bit-exact
 
 
-@register_combiner("stacking")
+@register("stacking")
 class Stacking(Combiner):
     """Logistic regression on member logits (and optional extra features such as age, sex, site).
 
@@ -505,14 +390,15 @@ class Stacking(Combiner):
     """
 
     accepts_extra = True
+    state_fields = {**Combiner.state_fields, "coef": float_array, "intercept": float, "n_extra": int}
 
     def __init__(self, *, C: float = 1.0, max_iter: int = 1000) -> None:
         self.C = C
         self.max_iter = max_iter
 
     def _fit(self, X: np.ndarray, y: np.ndarray, E: np.ndarray | None) -> None:
-        C = _positive_float("C", self.C, "e.g. 1.0; smaller values regularise more")
-        max_iter = _check_int("max_iter", self.max_iter, 1)
+        C = check_positive("C", self.C, "e.g. 1.0; smaller values regularise more")
+        max_iter = check_int("max_iter", self.max_iter, 1)
         Z = X if E is None else np.hstack([X, E])
         scaled = np.ones(Z.shape[1], dtype=bool)
         if E is not None:
@@ -530,18 +416,12 @@ class Stacking(Combiner):
         Z = X if E is None else np.hstack([X, E])
         return Z @ self.coef_ + self.intercept_
 
-    def _state(self) -> dict[str, Any]:
-        return {"coef": self.coef_, "intercept": self.intercept_, "n_extra": self.n_extra_}
-
-    def _load(self, state: dict[str, Any]) -> None:
-        self.n_extra_ = int(_state_field(state, "n_extra", "combiner"))
-        self.coef_ = np.asarray(_state_field(state, "coef", "combiner"), dtype=np.float64)
-        self.intercept_ = float(_state_field(state, "intercept", "combiner"))
+    def _check_state(self) -> None:
         if self.coef_.shape != (self.n_members_ + self.n_extra_,):
             raise ConfigError("stacking combiner dict: coef needs n_members + n_extra entries")
 
 
-@register_combiner("greedy")
+@register("greedy")
 class GreedyEnsemble(Combiner):
     """Caruana-style selected ensemble: ``logit(sum_j w_j sigmoid(x_j))``, ``w`` from
     :func:`greedy_selection` (members never picked get weight 0).
@@ -551,6 +431,9 @@ class GreedyEnsemble(Combiner):
     Fitted state: ``weights_`` (M,). ``selection_`` (the :class:`GreedyResult`) is kept after
     ``fit`` for inspection but is not part of ``to_dict``.
     """
+
+    state_fields = WeightedMean.state_fields  # weights_, checked the same way on loading
+    _check_state = WeightedMean._check_state
 
     def __init__(
         self,
@@ -573,24 +456,12 @@ class GreedyEnsemble(Combiner):
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
         return _logit_of_mean_prob(X, self.weights_)
 
-    def _state(self) -> dict[str, Any]:
-        return {"weights": self.weights_}
-
-    def _load(self, state: dict[str, Any]) -> None:
-        self.weights_ = _check_weights(_state_field(state, "weights", "combiner"), self.n_members_, normalise=False)
-
 
 def list_combiners() -> list[str]:
     """Sorted names accepted by :func:`make_combiner`."""
-    return sorted(COMBINERS)
+    return estimator_names("combiner")
 
 
 def make_combiner(name: str, **kwargs: Any) -> Combiner:
     """Build combiner ``name`` (see the module table); keyword arguments set to None keep the default."""
-    cls = _lookup(COMBINERS, name, "combiner", "list_combiners()")
-    return _construct(cls, {k: v for k, v in kwargs.items() if v is not None}, "combiner")
-
-
-def combiner_from_dict(d: dict[str, Any]) -> Combiner:
-    """Rebuild any combiner from its :meth:`Combiner.to_dict` output."""
-    return Combiner.from_dict(d)
+    return make("combiner", name, **kwargs)

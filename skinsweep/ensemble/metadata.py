@@ -37,13 +37,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.utils.validation import check_is_fitted
 
+from skinsweep.ensemble.estimator import UPGRADES, SkinsweepEstimator, register
 from skinsweep.errors import ConfigError, DataError, short_list
 
 __all__ = ["METADATA_FEATURES", "MetadataEncoder", "SplitMetadata", "dataset_metadata", "join_metadata",
            "metadata_table", "prepare_metadata", "read_metadata_csv"]
 
-METADATA_FORMAT = "skinsweep.ensemble.metadata/1"
 METADATA_FEATURES = ("age", "sex", "site")
 SEXES = ("female", "male", "unknown")
 UNKNOWN = "unknown"
@@ -71,94 +72,101 @@ def _age(values: pd.Series) -> np.ndarray:
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
 
 
+def _optional(convert):
+    """State converter for a field that is None when its feature is not used."""
+    return lambda v: None if v is None else convert(v)
+
+
 # --------------------------------------------------------------------------------------------------
 # Encoder
 # --------------------------------------------------------------------------------------------------
 
-class MetadataEncoder:
+@register("age_sex_site")
+class MetadataEncoder(SkinsweepEstimator):
     """age / sex / site -> numeric features (see the module table); fitted on validation rows only.
 
-    Parameters:
-        features: any of ``age``, ``sex``, ``site`` (kept in that order).
+    Follows the contract of :mod:`skinsweep.ensemble.estimator` (JSON format
+    ``skinsweep.metadata/2``; version 1 was ``skinsweep.ensemble.metadata/1``, which still loads).
 
-    Fitted state: ``age_mean_`` (validation mean age, years), ``sites_`` (sites seen in validation,
-    sorted, plus ``unknown``), ``feature_names_`` (one name per output column).
+    Parameters:
+        features: any of ``age``, ``sex``, ``site``.
+
+    Fitted state: ``features_`` (the features in canonical order: age, sex, site), ``age_mean_``
+    (validation mean age in years; None without age), ``sites_`` (sites seen in validation, sorted,
+    plus ``unknown``; None without site), ``feature_names_`` (one name per output column).
     """
 
-    def __init__(self, *, features: Sequence[str] = METADATA_FEATURES) -> None:
-        self.features = check_features(features)
+    family = "metadata"
+    version = 2
+    uses_labels = False
+    state_fields = {"features": list, "age_mean": _optional(float), "sites": _optional(list),
+                    "feature_names": list}
 
-    def fit(self, meta: pd.DataFrame, *, source: str = "metadata") -> MetadataEncoder:
+    def __init__(self, *, features: Sequence[str] = METADATA_FEATURES) -> None:
+        self.features = features
+
+    def fit(self, meta: pd.DataFrame, y: Any = None, *, source: str = "metadata") -> MetadataEncoder:
         """Fit on validation rows: ``meta`` has the feature columns (age, sex, site), one row per image.
+        ``y`` is ignored (the encoder uses no labels).
 
         Raises DataError naming ``source`` when a requested feature has no known value in any row.
         """
-        n = len(meta)
-        if "age" in self.features:
+        features, n = check_features(self.features), len(meta)
+        self.age_mean_ = self.sites_ = None
+        if "age" in features:
             ages = _age(meta["age"])
             if not np.isfinite(ages).any():
                 raise DataError(f"{source}: column age has no values for the {n} validation images; "
                                 "drop age from combiner.metadata")
             self.age_mean_ = float(np.nanmean(ages))
         for f in ("sex", "site"):
-            if f in self.features and (_category(meta[f]) == UNKNOWN).all():
+            if f in features and (_category(meta[f]) == UNKNOWN).all():
                 raise DataError(f"{source}: column {f}{' (localization)' if f == 'site' else ''} is empty or "
                                 f"unknown for all {n} validation images; drop {f} from combiner.metadata")
-        if "site" in self.features:
+        if "site" in features:
             self.sites_ = sorted(set(_category(meta["site"])) - {UNKNOWN}) + [UNKNOWN]
+        self.features_ = features
         self.feature_names_ = self._names()
         return self
 
     def transform(self, meta: pd.DataFrame) -> np.ndarray:
         """Features, shape (N, F) float64, for ``meta`` rows (columns age / sex / site as fitted)."""
-        if not hasattr(self, "feature_names_"):
-            raise ConfigError("MetadataEncoder is not fitted; call fit() on validation rows first")
+        check_is_fitted(self)
         cols: list[np.ndarray] = []
-        if "age" in self.features:
+        if "age" in self.features_:
             ages = _age(meta["age"])
             missing = ~np.isfinite(ages)
             cols += [np.where(missing, self.age_mean_, ages), missing.astype(np.float64)]
-        if "sex" in self.features:
+        if "sex" in self.features_:
             cols += _one_hot(_category(meta["sex"]), SEXES)
-        if "site" in self.features:
+        if "site" in self.features_:
             cols += _one_hot(_category(meta["site"]), self.sites_)
         return np.column_stack(cols) if cols else np.zeros((len(meta), 0))
 
     def _names(self) -> list[str]:
-        names = ["age", "age_missing"] if "age" in self.features else []
-        names += [f"sex={s}" for s in SEXES] if "sex" in self.features else []
-        return names + ([f"site={s}" for s in self.sites_] if "site" in self.features else [])
+        names = ["age", "age_missing"] if "age" in self.features_ else []
+        names += [f"sex={s}" for s in SEXES] if "sex" in self.features_ else []
+        return names + ([f"site={s}" for s in self.sites_] if "site" in self.features_ else [])
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able fitted state (floats round-trip exactly through json)."""
-        if not hasattr(self, "feature_names_"):
-            raise ConfigError("MetadataEncoder is not fitted; call fit() before to_dict()")
-        state: dict[str, Any] = {"feature_names": list(self.feature_names_)}
-        if "age" in self.features:
-            state["age_mean"] = self.age_mean_
-        if "site" in self.features:
-            state["sites"] = list(self.sites_)
-        return {"format": METADATA_FORMAT, "features": list(self.features), "state": state}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MetadataEncoder:
-        """Rebuild a fitted encoder from :meth:`to_dict` output (transforms identically)."""
-        if not isinstance(d, dict) or d.get("format") != METADATA_FORMAT:
-            raise ConfigError(f"not a metadata encoder dict: expected format {METADATA_FORMAT!r}; "
-                              "pass the output of MetadataEncoder.to_dict()")
-        enc = cls(features=d.get("features", []))
-        state = d.get("state", {})
-        try:
-            if "age" in enc.features:
-                enc.age_mean_ = float(state["age_mean"])
-            if "site" in enc.features:
-                enc.sites_ = [str(s) for s in state["sites"]]
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError("metadata encoder dict is incomplete (age_mean / sites); rebuild the bundle") from None
-        enc.feature_names_ = enc._names()
-        if enc.feature_names_ != state.get("feature_names"):
+    def _check_state(self) -> None:
+        fitted = {"age": self.age_mean_, "site": self.sites_, "sex": SEXES}
+        if self.features_ != check_features(self.features) or any(fitted[f] is None for f in self.features_):
+            raise ConfigError("metadata encoder dict is incomplete (features / age_mean / sites); rebuild the bundle")
+        if self._names() != self.feature_names_:
             raise ConfigError("metadata encoder dict: feature_names do not match its features; rebuild the bundle")
-        return enc
+
+
+def _upgrade_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """Version-1 encoder JSON (``skinsweep.ensemble.metadata/1``, bundles built before the estimator
+    contract) in the current form."""
+    state = d.get("state") if isinstance(d.get("state"), dict) else {}
+    features = d.get("features", [])
+    return {"format": MetadataEncoder.json_format(), "kind": MetadataEncoder.kind, "params": {"features": features},
+            "state": {"features": features, "age_mean": state.get("age_mean"), "sites": state.get("sites"),
+                      "feature_names": state.get("feature_names")}}
+
+
+UPGRADES["skinsweep.ensemble.metadata/1"] = _upgrade_v1
 
 
 def _one_hot(values: np.ndarray, categories: Sequence[str]) -> list[np.ndarray]:
@@ -273,9 +281,9 @@ class SplitMetadata:
     def summary(self) -> dict[str, Any]:
         """For report.json: features, encoded columns, source, and missing counts per split."""
         missing = {s: {"no_metadata": int(self.no_row[s].sum()),
-                       **{f: int(_missing(r[f], f).sum()) for f in self.encoder.features}}
+                       **{f: int(_missing(r[f], f).sum()) for f in self.encoder.features_}}
                    for s, r in self.rows.items()}
-        return {"features": list(self.encoder.features), "columns": list(self.encoder.feature_names_),
+        return {"features": list(self.encoder.features_), "columns": list(self.encoder.feature_names_),
                 "source": self.source, "missing": missing, "encoder": self.encoder.to_dict()}
 
 
