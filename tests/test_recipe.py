@@ -219,7 +219,7 @@ BAD = [
     ("two kinds", edit(search__space={"lr": {"float": [0.1, 0.5], "choice": [0.1]}}),
      r"\[search\.space\.lr\] give exactly one of choice, float, int"),
     ("unknown spec key", edit(search__space={"lr": {"float": [0.1, 0.5], "logg": True}}),
-     r"\[search\.space\.lr\.logg\] unknown key \(did you mean log.*\)"),
+     r"\[search\.space\.lr\.logg\] unknown field \(did you mean log\?\); valid: when, float, log, step$"),
     ("float on an int field", edit(search__space={"head_hidden": {"float": [8, 64]}}),
      r"\[search\.space\.head_hidden\.float\] head_hidden is an integer; use int: \[8, 64\]"),
     ("range on a text field", edit(search__space={"optimizer": {"int": [0, 1]}}),
