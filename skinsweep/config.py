@@ -73,13 +73,13 @@ YamlLoader.add_implicit_resolver(
 
 
 def read_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, what: str = "recipe",
-                examples: str = "sweeps/") -> tuple[dict[str, Any], list[Override]]:
+                examples: str | None = None) -> tuple[dict[str, Any], list[Override]]:
     """The YAML mapping in ``path`` with ``overrides`` (``--set`` items) applied, and those overrides."""
     src = str(path)
     try:
         raw = yaml.load(Path(path).read_text(), Loader=YamlLoader)
     except FileNotFoundError:
-        raise ConfigError(f"{src}: no such {what} file; see {examples} for examples") from None
+        raise ConfigError(f"{src}: no such {what} file" + (f"; see {examples} for examples" if examples else "")) from None
     except OSError as e:
         raise ConfigError(f"{src}: cannot read the {what} ({e.strerror})") from None
     except yaml.YAMLError as e:
@@ -103,7 +103,7 @@ def apply_override(raw: dict[str, Any], item: str, source: str, label: str | Non
     key, eq, text = item.partition("=")
     key = key.strip()
     if not eq or not re.fullmatch(r"[^.\[\]\s]+(?:\.[^.\[\]\s]+|\[\d+\])*", key):
-        raise ConfigError(f"{source}: --set {item!r}: expected key.path=value, e.g. --set search.num_samples=50")
+        raise ConfigError(f"{source}: --set {item!r}: expected key.path=value (key[i] for list item i)")
     try:
         value = yaml.load(text, Loader=YamlLoader) if text.strip() else None
     except yaml.YAMLError as e:
@@ -144,7 +144,7 @@ def validate_config(model: type[M], raw: dict[str, Any], source: str, overrides:
 
 
 def load_config(path: str | os.PathLike, model: type[M], overrides: Sequence[str] = (), *, what: str = "recipe",
-                examples: str = "sweeps/") -> M:
+                examples: str | None = None) -> M:
     """Read ``path`` (strict YAML), apply ``overrides`` and validate it as ``model``; errors are one line."""
     raw, sets = read_config(path, overrides, what=what, examples=examples)
     return validate_config(model, raw, str(path), sets)
@@ -188,7 +188,7 @@ def dotted(loc: Sequence[Any]) -> str:
 
 def _from_override(path: str, overrides: Sequence[Override]) -> str:
     tokens = _tokens(path)
-    for key, label in overrides:
+    for key, label in reversed(overrides):  # the last override of a field is the one in effect
         k = _tokens(key)
         if path and (tokens[:len(k)] == k or k[:len(tokens)] == tokens):
             return f" (from {label})"
