@@ -1,13 +1,9 @@
 """The one configuration layer: strict YAML, ``--set`` overrides and one-line errors.
 
-Every configuration (sweep recipes, ensemble recipes, ``skinsweep train``) is read the same way::
-
-    recipe = load_config("sweeps/x.yaml", SweepRecipe, ["search.num_samples=50", "trials[0].lr=1e-3"])
-
-and every problem is one :class:`~skinsweep.errors.ConfigError` line, ``FILE: [dotted.field] message``,
-ending in ``(from --set …)`` when an override caused it. Models derive from :class:`Strict` (unknown keys
-are errors that list the valid ones, models are frozen); a validator that knows the field a problem
-belongs to raises :class:`FieldError` with the path below the model it validates.
+Sweep recipes, ensemble recipes and ``skinsweep train`` are read by :func:`load_config` (or its two halves,
+:func:`read_config` and :func:`validate_config`); every problem is one ConfigError line,
+``FILE: [dotted.field] message``, ending in ``(from --set …)`` when an override caused it. Validators that
+know the field a problem belongs to raise :class:`FieldError` with the path below their model.
 """
 
 from __future__ import annotations
@@ -50,10 +46,6 @@ class Strict(BaseModel):
         return data
 
 
-# --------------------------------------------------------------------------------------------------
-# YAML and overrides
-# --------------------------------------------------------------------------------------------------
-
 class YamlLoader(yaml.SafeLoader):
     """SafeLoader + YAML 1.2 floats (``1e-4`` is a number, not text) + duplicate keys are errors."""
 
@@ -93,12 +85,8 @@ def read_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, what:
 
 
 def apply_override(raw: dict[str, Any], item: str, source: str, label: str | None = None) -> Override:
-    """Apply one ``key.path=value`` item to ``raw`` in place; returns ``(key, label)`` for error lines.
-
-    Keys are dotted, list items indexed as ``trials[0].lr`` or ``trials.0.lr``; missing (or null)
-    mappings on the way are created. The value is YAML (``50``, ``/x``, ``[0.8, 0.1, 0.1]``,
-    ``{finetune: 1}``); empty means null.
-    """
+    """Apply ``key.path=value`` to ``raw`` in place (list items: ``trials[0].lr`` or ``trials.0.lr``; missing
+    mappings are created; the value is YAML, empty is null); returns ``(key, label)`` for error lines."""
     label = label or f"--set {item}"
     key, eq, text = item.partition("=")
     key = key.strip()
@@ -129,10 +117,6 @@ def apply_override(raw: dict[str, Any], item: str, source: str, label: str | Non
             node = node[part]
     return key, label
 
-
-# --------------------------------------------------------------------------------------------------
-# Validation and error lines
-# --------------------------------------------------------------------------------------------------
 
 def validate_config(model: type[M], raw: dict[str, Any], source: str, overrides: Sequence[Override] = ()) -> M:
     """``model.model_validate(raw)``, or a ConfigError: ``SOURCE: [dotted.field] message (from --set …)``."""
@@ -198,6 +182,3 @@ def _from_override(path: str, overrides: Sequence[Override]) -> str:
 def _tokens(path: str) -> list[str]:
     return [t for t in re.split(r"[.\[\]]", path) if t]
 
-
-__all__ = ["FieldError", "Strict", "YamlLoader", "apply_override", "dotted", "errors", "load_config", "message",
-           "read_config", "validate_config"]

@@ -1,18 +1,12 @@
 """Sweep recipes: strict YAML → :class:`SweepRecipe`, what every trial of a sweep will run.
 
 A recipe (``sweeps/*.yaml``) names the data, the split, the settings every trial shares (``trial:``)
-and either a search (``search:``, Optuna TPE under Ray Tune; the space is :mod:`skinsweep.sweep.space`)
-or a fixed list of configurations (``trials:``). It is loaded by :func:`skinsweep.config.load_config`
-(``--set`` overrides meet the same schema) and validated once, at load: ``trial:``, every ``trials:``
-entry, every value the space can sample and every point to evaluate must make a valid
-:class:`~skinsweep.train.config.TrialConfig`. Every problem is one line naming the file and the dotted
-field, e.g.::
-
-    sweeps/x.yaml: [search.space.lr.float] low 0.001 must be below high 1e-05; swap them
-
-Defaults that depend on the rest of the recipe (``scheduler.mode``, ``scheduler.max_t``) are resolved at
-validation, so :meth:`SweepRecipe.resolved` shows what the sweep runs. Only this module's callers (the
-sweep) import Ray; Optuna is imported lazily.
+and either a search (``search:``, see :mod:`skinsweep.sweep.space`) or fixed configurations
+(``trials:``). It is read by :mod:`skinsweep.config` (``--set`` overrides meet the same schema) and
+validated once, at load: ``trial:``, every ``trials:`` entry, every value the space can sample and every
+point to evaluate must make a valid TrialConfig; defaults that depend on the rest of the recipe
+(``scheduler.mode``, ``scheduler.max_t``) are filled in, so :meth:`SweepRecipe.resolved` shows them.
+Every problem is one line: ``sweeps/x.yaml: [search.space.lr.float] low 0.001 must be below high 1e-05``.
 """
 
 from __future__ import annotations
@@ -30,7 +24,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from skinsweep.config import FieldError, Override, Strict, errors, read_config, validate_config
 from skinsweep.errors import ConfigError, did_you_mean
 from skinsweep.sweep.space import (DICT_FIELDS, FIXED_FIELDS, SEARCH_FIELDS, SEP, Param, SamplerSpec, SearchSpec,
-                                   _Range, field_problem)
+                                   Range, field_problem)
 from skinsweep.train.config import TrialConfig
 
 if TYPE_CHECKING:
@@ -39,9 +33,7 @@ if TYPE_CHECKING:
 DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
 
 
-# --------------------------------------------------------------------------------------------------
-# Schema
-# --------------------------------------------------------------------------------------------------
+# ---- Schema ---------------------------------------------------------------------------------------
 
 class DataSpec(Strict):
     root: str = Field(description="Dataset folder or CSV; relative paths are resolved against the working directory.")
@@ -255,14 +247,10 @@ class SweepRecipe(Strict):
 
     def trial_config(self, params: dict[str, Any] | None = None, *, split: str | None = None,
                      device: str | None = None) -> TrialConfig:
-        """One trial's TrialConfig: defaults < data/split/seed < ``trial:`` < ``params``.
-
-        Args:
-            params: TrialConfig-named values (from :meth:`params_from_optuna` or :meth:`explicit_points`).
-            split: path of the manifest the sweep made with :meth:`split_args` (``split.file`` wins).
-                Needed unless the split is the default one (grouped 70/15/15), which a trial can make.
-            device: where the trial runs; default ``cpu`` when :meth:`resources` gives the trial no GPU,
-                else ``auto`` (the GPU Ray assigned).
+        """One trial's TrialConfig: defaults < data/split/seed < ``trial:`` < ``params`` (TrialConfig names, from
+        :meth:`params_from_optuna` or :meth:`explicit_points`). ``split``: the manifest the sweep made with
+        :meth:`split_args` (``split.file`` wins), needed unless the split is the default grouped 70/15/15, which
+        a trial can make. ``device``: default ``cpu`` when the trial gets no GPU, else ``auto`` (Ray's GPU).
         """
         split_path = self.split.file or split
         if split_path is None and (self.split.mode != "grouped" or tuple(self.split.fractions) != DEFAULT_FRACTIONS):
@@ -325,7 +313,7 @@ class SweepRecipe(Strict):
                 raise FieldError(f"search.space.{p.name}", f"{p.name} is both fixed under trial: and searched; "
                                                            "remove one of them")
             for k, v in enumerate(p.variants):
-                if isinstance(v, _Range) and field not in DICT_FIELDS:
+                if isinstance(v, Range) and field not in DICT_FIELDS:
                     _check_range_type(p.name, v, f"{p.path(k)}.{v.kind}")
                 for sub, value in v.samples():
                     _validate(_merge(base, {p.name: value}), {field: f"{p.path(k)}.{sub}"})
@@ -375,7 +363,7 @@ def _longest(fields: dict[str, Any]) -> int:
                                                for t in fields.get("trials") or []]
     for p in search.params() if search else ():
         if p.name == "epochs":
-            epochs += [v.high if isinstance(v, _Range) else max(v.choice) for v in p.variants]
+            epochs += [v.high if isinstance(v, Range) else max(v.choice) for v in p.variants]
     whole = []
     for e in epochs:  # a value TrialConfig rejects is reported with its own path; here it is skipped
         try:
@@ -385,36 +373,33 @@ def _longest(fields: dict[str, Any]) -> int:
     return max(whole, default=default)
 
 
-# --------------------------------------------------------------------------------------------------
-# Checks against TrialConfig
-# --------------------------------------------------------------------------------------------------
+# ---- Checks against TrialConfig -------------------------------------------------------------------
 
 def _validate(values: dict[str, Any], sources: dict[str, str], combination: dict | None = None) -> TrialConfig:
-    """TrialConfig(values), or a FieldError at the recipe path the first bad field came from.
-
-    Also checks the backbone name against the registry, so a typo fails at load, not in every trial.
+    """TrialConfig(values), or a FieldError at the recipe path (``sources``: field → path) the first bad field
+    came from. Also checks the backbone name against the registry, so a typo fails at load, not in every trial.
     """
+    problem = None
     try:
         cfg = TrialConfig.model_validate({k: v for k, v in values.items() if v is not None})
     except ValidationError as e:
-        path, msg = errors(e)[0]
-        field = re.match(r"[^.\[]*", path).group()
-        if combination is not None:
-            raise FieldError("search.space", f"combination {combination}: {msg} ({field})") from None
-        raise FieldError(sources.get(field, f"trial.{field}") + path[len(field):], msg) from None
-    from skinsweep.train.backbones import list_backbones
+        path, problem = errors(e)[0]
+    else:
+        from skinsweep.train.backbones import list_backbones
 
-    names = list_backbones()
-    if cfg.backbone not in names and cfg.backbone.partition(":")[0] not in ("timm", "open_clip"):  # any hub model
-        problem = (f"unknown backbone {cfg.backbone!r}{did_you_mean(cfg.backbone, names)}; valid: {', '.join(names)}, "
-                   "or timm:<model> / open_clip:<model>@<tag>")
-        if combination is not None:
-            raise FieldError("search.space", f"combination {combination}: {problem}")
-        raise FieldError(sources.get("backbone", "trial.backbone"), problem)
-    return cfg
+        names, path = list_backbones(), "backbone"
+        if cfg.backbone not in names and cfg.backbone.partition(":")[0] not in ("timm", "open_clip"):  # any hub model
+            problem = (f"unknown backbone {cfg.backbone!r}{did_you_mean(cfg.backbone, names)}; valid: "
+                       f"{', '.join(names)}, or timm:<model> / open_clip:<model>@<tag>")
+    if problem is None:
+        return cfg
+    field = re.match(r"[^.\[]*", path).group()
+    if combination is not None:
+        raise FieldError("search.space", f"combination {combination}: {problem} ({field})")
+    raise FieldError(sources.get(field, f"trial.{field}") + path[len(field):], problem)
 
 
-def _check_range_type(name: str, v: _Range, path: str) -> None:
+def _check_range_type(name: str, v: Range, path: str) -> None:
     ann = TrialConfig.model_fields[name].annotation
     if ann not in (int, float):  # Optional[int] (image_size) counts as a number too
         ann = next((a for a in getattr(ann, "__args__", ()) if a in (int, float)), ann)
@@ -424,9 +409,7 @@ def _check_range_type(name: str, v: _Range, path: str) -> None:
         raise FieldError(path, f"{name} is an integer; use int: [{v.low:g}, {v.high:g}]")
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------
+# ---- Loading --------------------------------------------------------------------------------------
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *,
                 base_dir: str | os.PathLike | None = None) -> SweepRecipe:
@@ -470,9 +453,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             t["weights"] = absolute(t["weights"])
 
 
-# --------------------------------------------------------------------------------------------------
-# TrialConfig values with a dict field (backbone_args), nested or flat
-# --------------------------------------------------------------------------------------------------
+# ---- TrialConfig values with a dict field (backbone_args), nested or flat -------------------------
 
 def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
     """Layers of TrialConfig values, later ones on top; ``backbone_args.input_size`` keys and

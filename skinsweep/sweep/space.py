@@ -1,21 +1,10 @@
 """A sweep's search space (``search:`` of a recipe) as typed models, and its Optuna names.
 
-A parameter is one distribution, or a list of variants of which the first whose ``when`` matches is
-used; parameters are sampled define-by-run, in YAML order::
-
-    space:
-      mode: {choice: [finetune, linear_probe]}
-      lr:
-        - {when: {mode: finetune}, float: [1.0e-5, 1.0e-3], log: true}
-        - {when: {mode: linear_probe}, float: [1.0e-4, 1.0e-1], log: true}
-      backbone_lr_mult: {when: {mode: finetune}, float: [0.01, 1.0], log: true}
-      warmup_epochs: {int: [0, 4], step: 2}
-
-The models reject what cannot be sampled (bounds, ``log`` with ``step``, a ``when`` on a later or a
-numeric parameter, a value never sampled, a variant that can never apply). Each variant of a
-conditional parameter gets its own Optuna name (``lr|mode=finetune``), so TPE never models two ranges
-as one. Whether the values fit a :class:`~skinsweep.train.config.TrialConfig` is checked by the recipe,
-which knows the settings every trial shares.
+A parameter is one distribution (``{choice: [...]}``, ``{float: [lo, hi]}``, ``{int: [lo, hi]}``, ranges
+with ``log`` or ``step``) or a list of variants, the first whose ``when: {earlier_param: value(s)}``
+matches being used; parameters are sampled define-by-run, in YAML order. The models reject what cannot
+be sampled; each variant of a conditional parameter gets its own Optuna name (``lr|mode=finetune``), so
+TPE never models two ranges as one. Whether the values make valid TrialConfigs is the recipe's check.
 """
 
 from __future__ import annotations
@@ -60,38 +49,22 @@ def same(a: Any, b: Any) -> bool:
     return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
-def _num(x: float) -> str:
-    return f"{x:g}"
-
-
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
-
-# --------------------------------------------------------------------------------------------------
-# One distribution
-# --------------------------------------------------------------------------------------------------
 
 class Variant(Strict):
     """One distribution of a parameter, used when every ``when`` entry matches the values sampled above."""
 
     model_config = ConfigDict(serialize_by_alias=True)  # dumps as written: {float: [lo, hi], log: true}
     kind: ClassVar[str]
-    when: Optional[dict[str, Any]] = Field(None, description="{earlier_param: value or [values]}; all must match.")
+    when: Optional[dict[str, Any]] = Field(None, min_length=1, description="{earlier_param: value or [values]}, all matching.")
 
     @model_serializer(mode="wrap")
     def _as_written(self, handler: Any) -> dict[str, Any]:
         """Only the keys the recipe wrote (the recipe hash covers the space as written)."""
         written = {key for n in self.model_fields_set for key in (n, type(self).model_fields[n].alias) if key}
         return {k: v for k, v in handler(self).items() if k in written}
-
-    @field_validator("when", mode="before")
-    @classmethod
-    def _mapping(cls, v: Any) -> Any:
-        if v is not None and (not isinstance(v, dict) or not v):
-            raise ValueError(f"must map earlier parameters to a value or list of values, e.g. {{mode: finetune}}; "
-                             f"got {v!r}")
-        return v
 
     def conditions(self) -> list[tuple[str, list]]:
         return [(k, w if isinstance(w, list) else [w]) for k, w in (self.when or {}).items()]
@@ -101,14 +74,6 @@ class Variant(Strict):
 
     def describe_when(self) -> str:
         return ", ".join(f"{k}={'|'.join(map(str, ws))}" for k, ws in self.conditions()) or "always"
-
-    def samples(self) -> list[tuple[str, Any]]:
-        """``(field below this variant, value)`` pairs that bound what it can suggest."""
-        raise NotImplementedError
-
-    def context_values(self) -> list[Any]:
-        """Values that stand for this variant when enumerating which later variants can apply."""
-        return [v for _, v in self.samples()[:1]]
 
 
 class Choice(Variant):
@@ -140,16 +105,18 @@ class Choice(Variant):
         raise ValueError(f"{value!r} is not one of the choices {self.choice}")
 
     def samples(self) -> list[tuple[str, Any]]:
+        """``(path below this variant, value)`` for every value it can suggest (ranges: their bounds)."""
         return [(f"choice[{i}]", c) for i, c in enumerate(self.choice)]
 
     def context_values(self) -> list[Any]:
+        """The values that stand for it when enumerating which later variants can apply."""
         return list(self.choice)
 
 
 Number = Union[int, float]
 
 
-class _Range(Variant):
+class Range(Variant):
     bounds: tuple[Number, Number]  # aliased `float` / `int` in the subclasses
     log: StrictBool = Field(False, description="Sample on a log scale (needs low > 0).")
     step: Optional[Number] = Field(None, description="Grid step from low (not with log).")
@@ -169,16 +136,16 @@ class _Range(Variant):
         return v
 
     @model_validator(mode="after")
-    def _sampleable(self) -> "_Range":
+    def _sampleable(self) -> "Range":
         lo, hi = self.bounds
         if self.kind == "int" and any(float(b) != int(b) for b in self.bounds):
             raise FieldError(self.kind, f"int bounds must be whole numbers, got {list(self.bounds)!r}; "
                                         "use float: for a real range")
         if not lo < hi:
-            raise FieldError(self.kind, f"low {_num(lo)} must be below high {_num(hi)}" + (
+            raise FieldError(self.kind, f"low {lo:g} must be below high {hi:g}" + (
                 "; swap them" if lo > hi else "; use a choice of one value, or fix it under trial:"))
         if self.log and lo <= 0:
-            raise FieldError(self.kind, f"log: true needs low > 0, got {_num(lo)}; raise low or drop log")
+            raise FieldError(self.kind, f"log: true needs low > 0, got {lo:g}; raise low or drop log")
         if self.step is not None:
             if self.step > hi - lo:
                 raise FieldError("step", f"must be a number in (0, high - low], got {self.step!r}")
@@ -211,23 +178,26 @@ class _Range(Variant):
             raise ValueError(f"{value!r} is not a number")
         x = float(value)
         if not self.low <= x <= self.high:
-            raise ValueError(f"{value!r} is outside [{_num(self.low)}, {_num(self.high)}]")
+            raise ValueError(f"{value!r} is outside [{self.low:g}, {self.high:g}]")
         if self.kind == "int" and x != int(x):
             raise ValueError(f"{value!r} is not an integer")
         if self.step and abs((x - self.low) / self.step - round((x - self.low) / self.step)) > 1e-9:
-            raise ValueError(f"{value!r} is not on the grid {_num(self.low)} + k × {_num(self.step)}")
+            raise ValueError(f"{value!r} is not on the grid {self.low:g} + k × {self.step:g}")
         return self._as_kind(x)
 
     def samples(self) -> list[tuple[str, Any]]:
         return [(self.kind, self._as_kind(self.low)), (self.kind, self._as_kind(self.high))]
 
+    def context_values(self) -> list[Any]:
+        return [self._as_kind(self.low)]
 
-class FloatRange(_Range):
+
+class FloatRange(Range):
     kind: ClassVar[str] = "float"
     bounds: tuple[Number, Number] = Field(alias="float", description="[low, high]")
 
 
-class IntRange(_Range):
+class IntRange(Range):
     kind: ClassVar[str] = "int"
     bounds: tuple[Number, Number] = Field(alias="int", description="[low, high], whole numbers")
 
@@ -273,10 +243,6 @@ class Param:
         """Index of the first variant whose ``when`` matches ``values``, or None."""
         return next((k for k, v in enumerate(self.variants) if v.matches(values)), None)
 
-
-# --------------------------------------------------------------------------------------------------
-# The search
-# --------------------------------------------------------------------------------------------------
 
 class SamplerSpec(Strict):
     multivariate: bool = True
@@ -372,5 +338,3 @@ def _check_when(v: Variant, where: str, earlier: dict[str, Param]) -> None:
                 raise FieldError(f"{where}.when.{key}", f"{w!r} is never sampled: {key} takes "
                                                         f"{short_list(dict.fromkeys(map(str, possible)), 10)}")
 
-
-__all__ = ["Choice", "FloatRange", "IntRange", "Param", "SamplerSpec", "SearchSpec", "Variant", "field_problem"]
