@@ -6,6 +6,7 @@ User errors (:class:`skinsweep.errors.SkinsweepError`) print one line and exit w
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -197,8 +198,6 @@ def data_inspect(
 # ---- training -------------------------------------------------------------------------------------
 def _trial_fields() -> str:
     """The ``train --help`` epilog: every TrialConfig field, its default and help, from the model itself."""
-    import json
-
     from skinsweep.train.config import TrialConfig
 
     rows = []
@@ -248,13 +247,9 @@ def train(
     shorts = {"data": data, "split": split, "backbone": backbone, "mode": mode, "epochs": epochs, "lr": lr,
               "pos_weight": pos_weight, "image_size": image_size}
     for name, value in shorts.items():
-        if value is not None:
-            flag = "--" + name.replace("_", "-")
-            if name in ("data", "split"):  # paths are text, never YAML
-                raw[name] = value
-                sets.append((name, f"{flag} {value}"))
-            else:
-                sets.append(apply_override(raw, f"{name}={value}", source, label=f"{flag} {value}"))
+        if value is not None:  # paths are text as given, never YAML
+            text = json.dumps(value) if name in ("data", "split") else value
+            sets.append(apply_override(raw, f"{name}={text}", source, label=f"--{name.replace('_', '-')} {value}"))
     sets += [apply_override(raw, f"backbone_args.{item}", source, label=f"--backbone-arg {item}")
              for item in backbone_arg]
     sets += [apply_override(raw, item, source) for item in set_]
@@ -383,9 +378,8 @@ def predict(
                                             "localization, as HAM10000_metadata.csv; needed by bundles that stack metadata."),
 ) -> None:
     """Score images with a bundle: member probabilities, ensemble, calibrated probability, decision."""
-    from skinsweep.ensemble.bundle import load_bundle
+    from skinsweep.ensemble.bundle import load_bundle, predict_files
     from skinsweep.ensemble.metadata import read_metadata_csv
-    from skinsweep.ensemble.bundle import predict_files
 
     b = load_bundle(bundle)
     if metadata and not b.metadata_features:

@@ -474,10 +474,7 @@ def _flatten_dicts(params: dict[str, Any]) -> dict[str, Any]:
     """``{"backbone_args": {"input_size": 32}}`` → ``{"backbone_args.input_size": 32}`` (other keys as they are)."""
     out: dict[str, Any] = {}
     for key, value in params.items():
-        if key in DICT_FIELDS and isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
+        out |= {f"{key}.{k}": v for k, v in value.items()} if key in DICT_FIELDS and isinstance(value, dict) else {key: value}
     return out
 
 
