@@ -80,7 +80,8 @@ def read_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, what:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{src}: invalid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: a {what} is a mapping of fields, got {type(raw).__name__}")
+        raise ConfigError(f"{src}: {'an' if what[0] in 'aeiou' else 'a'} {what} is a mapping of fields, got "
+                          f"{type(raw).__name__}")
     return raw, [apply_override(raw, item, src) for item in overrides]
 
 
