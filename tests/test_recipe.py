@@ -423,3 +423,15 @@ def test_resolved_recipe_round_trips(base_recipe):
     assert re.fullmatch(r"[0-9a-f]{16}", again.hash)
     assert base_recipe.resolved()["scheduler"]["max_t"] == 3 and base_recipe.resolved()["scheduler"]["mode"] == "max"
     assert "resources" in base_recipe.resolved()
+
+
+def test_scheduler_defaults_are_resolved_at_load(tmp_path):
+    """The runner reads scheduler.mode and scheduler.max_t as given: never None after load."""
+    r = load_recipe(write(tmp_path, edit(search=DROP, trials=[{"epochs": 2}, {"epochs": 7}],
+                                         scheduler={"metric": "val_loss"})))
+    assert (r.scheduler.mode, r.scheduler.max_t) == ("min", 7)  # the longest trial; lower loss is better
+    searched = load_recipe(write(tmp_path, edit(trial={"batch_size": 16}, search__space={"epochs": {"int": [2, 30]}},
+                                                search__points_to_evaluate=[])))
+    assert (searched.scheduler.mode, searched.scheduler.max_t) == ("max", 30)
+    again = SweepRecipe.model_validate(searched.resolved())
+    assert again.scheduler == searched.scheduler and again.hash == searched.hash
