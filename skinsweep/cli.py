@@ -6,6 +6,7 @@ User errors (:class:`skinsweep.errors.SkinsweepError`) print one line and exit w
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -195,47 +196,64 @@ def data_inspect(
 
 
 # ---- training -------------------------------------------------------------------------------------
-@app.command("train")
+def _trial_fields() -> str:
+    """The ``train --help`` epilog: every TrialConfig field, its default and help, from the model itself."""
+    from skinsweep.train.config import TrialConfig
+
+    rows = []
+    for name, f in TrialConfig.model_fields.items():
+        default = "required" if f.is_required() else json.dumps(f.default)
+        rows.append(f"{name} = {default}: {f.description}")
+    return escape("Settings (--set NAME=VALUE, or a YAML mapping in --config):\n\n" + "\n".join(rows))
+
+
+def _short(name: str, flag: str) -> typer.models.OptionInfo:
+    """A short form of ``--set NAME=VALUE``, with the field's own help."""
+    from skinsweep.train.config import TrialConfig
+
+    return typer.Option(None, flag, metavar="VALUE", show_default=False,
+                        help=f"{TrialConfig.model_fields[name].description} Same as --set {name}=VALUE.")
+
+
+@app.command("train", epilog=_trial_fields())
 @user_errors
 def train(
-    data: Path = typer.Option(..., "--data", help="Dataset folder (ISIC / HAM10000 layout) or CSV file."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder for predictions, checkpoint and summary."),
-    backbone: str = typer.Option("resnet18", "--backbone", help="Backbone name (see `skinsweep backbones`)."),
-    mode: str = typer.Option("finetune", "--mode", help="finetune or linear_probe."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="hub, none, or a local .safetensors/.pt file (default per backbone)."),
-    backbone_arg: List[str] = typer.Option([], "--backbone-arg", help="Backbone override KEY=VALUE (repeatable), e.g. input_size=96."),
-    lr: float = typer.Option(1e-4, "--lr", help="Learning rate (head; backbone gets lr × --backbone-lr-mult)."),
-    pos_weight: float = typer.Option(8.0, "--pos-weight", help="Positive-class weight of the BCE loss."),
-    epochs: int = typer.Option(20, "--epochs"),
-    batch_size: int = typer.Option(32, "--batch-size"),
-    split: Optional[Path] = typer.Option(None, "--split", help="Split manifest (default: lesion-grouped 70/15/15, seed 0)."),
-    head: str = typer.Option("auto", "--head", help="auto, linear or mlp."),
-    loss: str = typer.Option("bce", "--loss", help="bce or focal."),
-    optimizer: str = typer.Option("adam", "--optimizer", help="adam or adamw."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    backbone_lr_mult: float = typer.Option(1.0, "--backbone-lr-mult"),
-    warmup_epochs: int = typer.Option(0, "--warmup-epochs"),
-    schedule: str = typer.Option("constant", "--schedule", help="constant or cosine."),
-    augment: str = typer.Option("auto", "--augment", help="auto, none or resnet_study."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Cached image side (default: the backbone's input size)."),
-    resize_policy: str = typer.Option("squash", "--resize-policy", help="squash or center-crop."),
-    select_metric: str = typer.Option("auc", "--select-metric", help="Validation metric that picks the epoch."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    positive: str = PositiveOpt,
-    skip_bad: bool = SkipBadOpt,
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML mapping of TrialConfig settings (see below)."),
+    set_: List[str] = typer.Option([], "--set", metavar="NAME=VALUE", help="A setting NAME=VALUE (YAML value; repeatable), e.g. --set lr=3e-4 "
+                                   "or --set backbone_args.input_size=96; wins over --config and the short forms."),
+    data: Optional[str] = _short("data", "--data"),
+    split: Optional[str] = _short("split", "--split"),
+    backbone: Optional[str] = _short("backbone", "--backbone"),
+    mode: Optional[str] = _short("mode", "--mode"),
+    epochs: Optional[str] = _short("epochs", "--epochs"),
+    lr: Optional[str] = _short("lr", "--lr"),
+    pos_weight: Optional[str] = _short("pos_weight", "--pos-weight"),
+    image_size: Optional[str] = _short("image_size", "--image-size"),
+    backbone_arg: List[str] = typer.Option([], "--backbone-arg", metavar="KEY=VALUE", help="Same as --set backbone_args.KEY=VALUE "
+                                           "(repeatable), e.g. --backbone-arg input_size=96."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different trial already in --out."),
 ) -> None:
-    """Train and evaluate one configuration; write predictions.parquet, summary.json, checkpoint and model.json."""
-    from skinsweep.train.loop import parse_config, run_trial
+    """Train and evaluate one configuration; write predictions.parquet, summary.json, checkpoint and model.json.
 
-    cfg = parse_config(dict(
-        data=str(data), split=str(split) if split else None, backbone=backbone, mode=mode, weights=weights,
-        backbone_args=_key_values(backbone_arg, "--backbone-arg"), lr=lr,
-        pos_weight=pos_weight, epochs=epochs, batch_size=batch_size, head=head, loss=loss, optimizer=optimizer,
-        weight_decay=weight_decay, backbone_lr_mult=backbone_lr_mult, warmup_epochs=warmup_epochs, schedule=schedule,
-        augment=augment, image_size=image_size, resize_policy=resize_policy, select_metric=select_metric, seed=seed,
-        device=device, positive=_positive(positive), skip_bad=skip_bad), source="options")
+    Every setting listed below can be given with --set NAME=VALUE or in a --config YAML file.
+    """
+    from skinsweep.config import apply_override, read_config, validate_config
+    from skinsweep.train.config import TrialConfig
+    from skinsweep.train.loop import run_trial
+
+    source = str(config) if config else "skinsweep train"
+    raw, sets = read_config(config, what="trial config") if config else ({}, [])
+    shorts = {"data": data, "split": split, "backbone": backbone, "mode": mode, "epochs": epochs, "lr": lr,
+              "pos_weight": pos_weight, "image_size": image_size}
+    for name, value in shorts.items():
+        if value is not None:  # paths are text as given, never YAML
+            text = json.dumps(value) if name in ("data", "split") else value
+            sets.append(apply_override(raw, f"{name}={text}", source, label=f"--{name.replace('_', '-')} {value}"))
+    sets += [apply_override(raw, f"backbone_args.{item}", source, label=f"--backbone-arg {item}")
+             for item in backbone_arg]
+    sets += [apply_override(raw, item, source) for item in set_]
+    cfg = validate_config(TrialConfig, raw, source, sets)
     res = run_trial(cfg, out_dir, progress=True, overwrite=overwrite)
     s = res.summary
     out.print(f"trial {res.trial_id}: {res.status}, best epoch {res.best_epoch} of {s['epochs_run']} "
@@ -261,7 +279,7 @@ def sweep(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="Sweep recipe (sweeps/*.yaml)."),
     address: Optional[str] = typer.Option(None, "--address", help="Join a Ray cluster (default: RAY_ADDRESS, else a local Ray)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep without repeating finished trials."),
-    set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set search.num_samples=50 (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", metavar="NAME=VALUE", help="Override a recipe field, e.g. --set search.num_samples=50 (repeatable)."),
     results_dir: Optional[Path] = typer.Option(None, "--results-dir", help="With s3:// storage: the local copy of the results store (default results/<name>), mirrored to <storage>/<name>/."),
 ) -> None:
     """Run a hyperparameter sweep with Ray Tune + Optuna (+ ASHA early stopping); results go to Parquet."""
@@ -319,7 +337,7 @@ def ensemble_build(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="Ensemble recipe (ensembles/*.yaml)."),
     results: Path = typer.Option(..., "--results", help="Sweep folder (results/<sweep>)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default ensembles/<name>/)."),
-    set_: List[str] = typer.Option([], "--set", help="Override a recipe field, e.g. --set calibration.method=isotonic."),
+    set_: List[str] = typer.Option([], "--set", metavar="NAME=VALUE", help="Override a recipe field, e.g. --set calibration.method=isotonic."),
     no_bundle: bool = typer.Option(False, "--no-bundle", help="Skip writing the deployment bundle."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset to read combiner.metadata from (default: the sweep's)."),
 ) -> None:
@@ -360,9 +378,8 @@ def predict(
                                             "localization, as HAM10000_metadata.csv; needed by bundles that stack metadata."),
 ) -> None:
     """Score images with a bundle: member probabilities, ensemble, calibrated probability, decision."""
-    from skinsweep.ensemble.bundle import load_bundle
+    from skinsweep.ensemble.bundle import load_bundle, predict_files
     from skinsweep.ensemble.metadata import read_metadata_csv
-    from skinsweep.ensemble.bundle import predict_files
 
     b = load_bundle(bundle)
     if metadata and not b.metadata_features:
@@ -416,19 +433,6 @@ def backbones_cmd() -> None:
 
     for name in list_backbones():
         out.print(name)
-
-
-def _key_values(items: list[str], option: str) -> dict:
-    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}`` (values parsed as YAML scalars)."""
-    import yaml
-
-    outd = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"{option} {item!r} is not KEY=VALUE; use e.g. {option} input_size=96")
-        outd[key.strip()] = yaml.safe_load(value)
-    return outd
 
 
 def _fmt(v) -> str:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 from typer.testing import CliRunner
 
 from conftest import shared
 from skinsweep.cli import app
 from skinsweep.data.split import SplitManifest
+from skinsweep.errors import SkinsweepError
+from skinsweep.train.config import TrialConfig
 
 runner = CliRunner()
 
@@ -80,3 +85,54 @@ def test_inspect_real_images():
     text = " ".join(r.output.split())
     assert "10,015 images" in text and "1,113 melanomas (11.1%) from 614 lesions" in text
     assert "no lesion has images in two splits" in text
+
+
+# ---- train: every TrialConfig field through --set / --config, short forms, help from the model ----------
+def test_train_help_lists_every_setting_from_the_model():
+    r = run("train", "--help")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    for name, field in TrialConfig.model_fields.items():
+        default = "required" if field.is_required() else json.dumps(field.default)
+        assert f"{name} = {default}: {' '.join(field.description.split())}" in text
+
+
+def test_train_settings_from_config_short_forms_and_set(tmp_path, monkeypatch):
+    import skinsweep.train.loop as loop
+
+    seen = {}
+
+    def fake_run_trial(cfg, out_dir, **kwargs):
+        seen["cfg"] = cfg
+        raise SkinsweepError("stopped before training")
+
+    monkeypatch.setattr(loop, "run_trial", fake_run_trial)
+    (tmp_path / "t.yaml").write_text("data: /d\nlr: 1.0e-3\nepochs: 2\nhead: mlp\nbackbone_args: {input_size: 32}\n")
+    r = run("train", "--out", tmp_path / "o", "--config", tmp_path / "t.yaml", "--data", "/my data: x", "--lr", "2e-3",
+            "--set", "epochs=5", "--set", "weight_decay=1e-4", "--backbone-arg", "pretrained=false", "--epochs", "3")
+    assert r.exit_code == 2 and "stopped before training" in r.output, r.output
+    cfg = seen["cfg"]
+    assert (cfg.data, cfg.lr, cfg.epochs, cfg.weight_decay, cfg.head, cfg.backbone_args) == (
+        "/my data: x", 2e-3, 5, 1e-4, "mlp", {"input_size": 32, "pretrained": False})  # --set wins over --epochs
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--set", "lrr=1"], r"skinsweep train: \[lrr\] unknown field \(did you mean lr\?\); valid: data, .*, lr, .* "
+                         r"\(from --set lrr=1\)"),
+    (["--set", "no_such_field=1"], r"skinsweep train: \[no_such_field\] unknown field; valid: data, split, .*, "
+                                   r"eval_batch_size \(from --set no_such_field=1\)"),
+    (["--data", "d", "--epochs", "0"], r"skinsweep train: \[epochs\] Input should be greater than or equal to 1, got 0 "
+                                       r"\(from --epochs 0\)"),
+    (["--data", "d", "--set", "mode=probe"], r"skinsweep train: \[mode\] Input should be 'finetune' or 'linear_probe', "
+                                             r"got 'probe' \(from --set mode=probe\)"),
+    (["--set", "lr=1e-3"], r"skinsweep train: \[data\] required field is missing"),
+    (["--config", "{tmp}/dup.yaml"], r"\S+dup\.yaml: invalid YAML at line 2, column 1: duplicate key 'lr'"),
+    (["--config", "{tmp}/bad.yaml", "--set", "seed=1"], r"\S+bad\.yaml: \[lr\] Input should be greater than 0, got 0"),
+])
+def test_train_setting_errors_are_one_line(tmp_path, args, line):
+    (tmp_path / "dup.yaml").write_text("lr: 1\nlr: 2\n")
+    (tmp_path / "bad.yaml").write_text("data: d\nlr: 0\n")
+    r = run("train", "--out", tmp_path / "o", *[a.format(tmp=tmp_path) for a in args])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert re.fullmatch("error: " + line, lines[0]), lines[0]

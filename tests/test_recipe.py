@@ -219,7 +219,7 @@ BAD = [
     ("two kinds", edit(search__space={"lr": {"float": [0.1, 0.5], "choice": [0.1]}}),
      r"\[search\.space\.lr\] give exactly one of choice, float, int"),
     ("unknown spec key", edit(search__space={"lr": {"float": [0.1, 0.5], "logg": True}}),
-     r"\[search\.space\.lr\.logg\] unknown key \(did you mean log.*\)"),
+     r"\[search\.space\.lr\.logg\] unknown field \(did you mean log\?\); valid: when, float, log, step$"),
     ("float on an int field", edit(search__space={"head_hidden": {"float": [8, 64]}}),
      r"\[search\.space\.head_hidden\.float\] head_hidden is an integer; use int: \[8, 64\]"),
     ("range on a text field", edit(search__space={"optimizer": {"int": [0, 1]}}),
@@ -423,3 +423,15 @@ def test_resolved_recipe_round_trips(base_recipe):
     assert re.fullmatch(r"[0-9a-f]{16}", again.hash)
     assert base_recipe.resolved()["scheduler"]["max_t"] == 3 and base_recipe.resolved()["scheduler"]["mode"] == "max"
     assert "resources" in base_recipe.resolved()
+
+
+def test_scheduler_defaults_are_resolved_at_load(tmp_path):
+    """The runner reads scheduler.mode and scheduler.max_t as given: never None after load."""
+    r = load_recipe(write(tmp_path, edit(search=DROP, trials=[{"epochs": 2}, {"epochs": 7}],
+                                         scheduler={"metric": "val_loss"})))
+    assert (r.scheduler.mode, r.scheduler.max_t) == ("min", 7)  # the longest trial; lower loss is better
+    searched = load_recipe(write(tmp_path, edit(trial={"batch_size": 16}, search__space={"epochs": {"int": [2, 30]}},
+                                                search__points_to_evaluate=[])))
+    assert (searched.scheduler.mode, searched.scheduler.max_t) == ("max", 30)
+    again = SweepRecipe.model_validate(searched.resolved())
+    assert again.scheduler == searched.scheduler and again.hash == searched.hash

@@ -10,51 +10,49 @@ import hashlib
 import json
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from skinsweep.errors import ConfigError
+from skinsweep.config import Strict, validate_config
 
 
-class TrialConfig(BaseModel):
+class TrialConfig(Strict):
     """Everything that defines one trial. Unknown keys are errors; None keeps a default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # data
     data: str = Field(description="Dataset folder (ISIC / HAM10000 layout) or CSV file.")
     split: Optional[str] = Field(None, description="Split manifest; default: lesion-grouped 70/15/15, seed split_seed.")
-    split_seed: int = 0
-    positive: list[str] = ["MEL"]
-    skip_bad: bool = False
+    split_seed: int = Field(0, description="Seed of the default split (when no split manifest is given).")
+    positive: list[str] = Field(["MEL"], description="Diagnosis codes counted as melanoma (label 1).")
+    skip_bad: bool = Field(False, description="Drop missing, unlisted or undecodable images instead of failing.")
     image_size: Optional[int] = Field(None, ge=8, description="Cached image side; default the backbone's input size.")
-    resize_policy: Literal["squash", "center-crop"] = "squash"
+    resize_policy: Literal["squash", "center-crop"] = Field("squash", description="squash (whole frame) or center-crop.")
     # model
-    backbone: str = "resnet18"
-    weights: Optional[str] = Field(None, description="hub, none, or a local .safetensors/.pt file; default per backbone.")
+    backbone: str = Field("resnet18", description="Backbone name (see `skinsweep backbones`), or timm:NAME / open_clip:NAME.")
+    weights: Optional[str] = Field(None, description="hub (timm / open_clip / Hugging Face cache; honours HF_HUB_OFFLINE), none (random init), or a local .safetensors/.pt state dict; default per backbone.")
     backbone_args: dict[str, Any] = Field({}, description="Overrides passed to the backbone builder, e.g. {input_size: 96}.")
-    mode: Literal["finetune", "linear_probe"] = "finetune"
-    head: Literal["auto", "linear", "mlp"] = "auto"
-    head_hidden: int = Field(512, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    mode: Literal["finetune", "linear_probe"] = Field("finetune", description="finetune (everything trains) or linear_probe (frozen backbone; embeddings computed once and cached).")
+    head: Literal["auto", "linear", "mlp"] = Field("auto", description="Classifier head: auto (the backbone's default: linear for ResNet and DINO, mlp for CLIP, as the study), linear or mlp.")
+    head_hidden: int = Field(512, ge=1, description="Hidden units of the mlp head.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the head's last layer.")
     # optimisation
-    loss: Literal["bce", "focal"] = "bce"
+    loss: Literal["bce", "focal"] = Field("bce", description="bce (BCE with logits weighted by pos_weight) or focal (alpha = w/(1+w), gamma focal_gamma).")
     pos_weight: float = Field(8.0, gt=0, description="Positive-class weight (the study: 8 = benign/melanoma ratio).")
-    focal_gamma: float = Field(2.0, ge=0)
-    optimizer: Literal["adam", "adamw"] = "adam"
-    lr: float = Field(1e-4, gt=0)
+    focal_gamma: float = Field(2.0, ge=0, description="Focusing parameter of the focal loss.")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="adam or adamw.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate (head; the backbone gets lr × backbone_lr_mult).")
     backbone_lr_mult: float = Field(1.0, gt=0, description="Backbone lr = lr × this (finetune only).")
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(32, ge=1)
-    epochs: int = Field(20, ge=1)
-    warmup_epochs: int = Field(0, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    augment: Literal["auto", "none", "resnet_study"] = "auto"
-    select_metric: str = "auc"
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay of the optimizer.")
+    batch_size: int = Field(32, ge=1, description="Training batch size.")
+    epochs: int = Field(20, ge=1, description="Training epochs.")
+    warmup_epochs: int = Field(0, ge=0, description="Epochs of linear learning-rate warm-up.")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule: constant or cosine.")
+    augment: Literal["auto", "none", "resnet_study"] = Field("auto", description="Training augmentation: auto (resnet_study for fine-tuned CNNs, none otherwise, as the study), none or resnet_study.")
+    select_metric: str = Field("auc", description="Validation metric that picks the epoch.")
     embedding_cache: bool = Field(True, description="linear_probe: embed each image once and reuse (else run the frozen backbone every epoch).")
     # runtime
-    seed: int = 0
-    device: str = "auto"
-    eval_batch_size: int = Field(256, ge=1)
+    seed: int = Field(0, description="Random seed (a fixed seed is deterministic on CPU).")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (GPU: bf16 autocast, channels-last for CNNs).")
+    eval_batch_size: int = Field(256, ge=1, description="Batch size for validation and test.")
 
     @field_validator("select_metric")
     @classmethod
@@ -72,10 +70,6 @@ class TrialConfig(BaseModel):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def parse_config(values: dict[str, Any], source: str = "options") -> TrialConfig:
-    """Validate ``values`` into a TrialConfig; errors become one ``[field] message`` line."""
-    try:
-        return TrialConfig(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as e:
-        msgs = "; ".join(f"[{'.'.join(str(p) for p in err['loc']) or 'config'}] {err['msg']}" for err in e.errors())
-        raise ConfigError(f"invalid trial {source}: {msgs}") from None
+def parse_config(values: dict[str, Any], source: str = "trial config") -> TrialConfig:
+    """Validate ``values`` (None keeps a default) into a TrialConfig; errors: one ``SOURCE: [field] message`` line."""
+    return validate_config(TrialConfig, {k: v for k, v in values.items() if v is not None}, source)
