@@ -170,12 +170,12 @@ def data_inspect(
     workers: Optional[int] = WorkersOpt,
 ) -> None:
     """Counts per class and split, lesions per split, a leakage check and image sizes."""
-    from skinsweep.data.inspect import describe
+    from skinsweep.data.inspect import inspect_dataset
     from skinsweep.data.split import get_or_create_split
 
     index = _index(root, positive, skip_bad, fmt, workers)
     manifest, path, _ = get_or_create_split(index, split_path=split)
-    r = describe(index, manifest)
+    r = inspect_dataset(index, manifest)
     lesions = f" from {r.n_melanoma_lesions:,} lesions" if r.n_melanoma_lesions is not None else ""
     total_l = f", {r.n_lesions:,} lesions" if r.n_lesions is not None else ", no lesion ids"
     out.print(f"[bold]{index.root}[/] ({index.fmt}): {r.n_images:,} images{total_l}; "

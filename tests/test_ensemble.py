@@ -246,7 +246,7 @@ def test_predict_cli_with_metadata(sweep, meta_bundle, tmp_path):
     ({"members": {"rule": "best_per_backbone", "by": "test_auc"}}, r"validation metrics only"),
     ({"threshold": {"target_sensitivity": 0.9, "youden": True}}, r"choose one of"),
     ({"calibration": {"method": "beta"}}, r"\[calibration.method\]"),
-    ({"colour": 1}, r"\[colour\] Extra inputs are not permitted"),
+    ({"colour": 1}, r"\[colour\] unknown field; valid: name, members"),
 ])
 def test_invalid_ensemble_recipes(tmp_path, section, message):
     from skinsweep.ensemble.build import load_ensemble_recipe

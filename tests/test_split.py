@@ -172,12 +172,11 @@ def test_real_labels_split(real_labels_dir, mode):
 
 
 def test_inspect_dataset_tables_agree_with_the_index_and_manifest(isic_dir):
-    from skinsweep.data.inspect import describe, inspect_dataset
+    from skinsweep.data.inspect import inspect_dataset
 
     idx = load_index(isic_dir)
     m = make_split(idx, seed=0)
     r = inspect_dataset(idx, m)
-    assert describe is inspect_dataset  # the deprecated name cli.py still imports
     assert (r.n_images, r.n_melanoma) == (60, int(idx.df["label"].sum()))
     assert r.n_lesions == idx.df["lesion_id"].nunique() < 60
     assert list(r.classes.columns) == ["train", "val", "test", "all", "label"]

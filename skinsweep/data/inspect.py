@@ -51,4 +51,3 @@ def inspect_dataset(index: DatasetIndex, manifest: SplitManifest) -> DatasetRepo
     )
 
 
-describe = inspect_dataset  # deprecated alias: cli.py still imports it; use inspect_dataset
