@@ -256,7 +256,8 @@ def test_tune_events_drive_store_and_progress(data, tmp_path):
     from skinsweep.sweep.progress import SweepProgress
     from skinsweep.sweep.recipe import load_recipe
     from skinsweep.results import ResultsStore
-    from skinsweep.sweep.runner import _Driver, _Events
+    from skinsweep.sweep.driver import SweepDriver
+    from skinsweep.sweep.runner import _Events
 
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(f"""
@@ -275,7 +276,7 @@ trials: [{{lr: 1.0e-3}}, {{lr: 2.0e-3, backbone: tiny_vit}}]
     b = fake_trial("ev_00001", {"lr": 2e-3, "backbone": "tiny_vit"})
     err = tmp_path / "error.txt"
     err.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: out of memory\n")
-    with _Driver(store, recipe, str(tmp_path / "split.parquet"), progress), progress:
+    with SweepDriver(store, recipe, str(tmp_path / "split.parquet"), progress), progress:
         events.on_trial_start(0, [a, b], a)
         events.on_trial_start(0, [a, b], b)
         for epoch, auc in ((1, 0.6), (2, 0.55)):

@@ -93,7 +93,7 @@ class SweepProgress:
             row = self.rows[trial_id] = TrialRow(trial_id, backbone, mode, dict(hparams), epochs=epochs)
         row.status = "RUNNING"
         self._touch(row)
-        self._emit(f"[start] {self._describe(row)}" + (f" (attempt {row.attempt})" if row.attempt > 1 else ""))
+        self._emit(f"[start] {self._label(row)}" + (f" (attempt {row.attempt})" if row.attempt > 1 else ""))
 
     def epoch(self, trial_id: str, epoch: int, value: float | None) -> None:
         row = self.rows.get(trial_id)
@@ -127,7 +127,7 @@ class SweepProgress:
         self._touch(row)
         done = sum(r.status in FINAL for r in self.rows.values())
         value_text = f" {self.metric} {row.final:.3f}" if row.final is not None else ""
-        self._emit(f"[{done}/{self.total}] {row.trial_id} {row.status} {self._describe(row, ids=False)}"
+        self._emit(f"[{done}/{self.total}] {row.trial_id} {row.status} {self._label(row, ids=False)}"
                    f"{self._epoch_text(row, ' · epoch ')}{value_text} — {self.summary()}")
 
     # ---- rendering --------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ class SweepProgress:
         if self._live is not None:
             self._live.update(self.render(), refresh=True)
 
-    def _describe(self, row: TrialRow, ids: bool = True) -> str:
+    def _label(self, row: TrialRow, ids: bool = True) -> str:
         hp = _hparams(row.hparams)
         return " ".join(p for p in ((row.trial_id if ids else ""), row.backbone, row.mode, hp) if p)
 
