@@ -161,8 +161,11 @@ def trial_row(summary: dict, status: str | None, extra: dict) -> pa.Table:
     arrays = {}
     for col, value in row.items():
         typ = TRIAL_COLUMNS.get(col) or (PARAM_TYPES.get(col) if col in params else _EXTRA_TYPES.get(col))
-        value = _plain(value) if typ is None else _coerce(value, typ, f"trial {trial_id}: column {col}")
-        arrays[col] = pa.array([value], type=typ)
+        arrays[col] = pa.array([_plain(value)])
+        try:
+            arrays[col] = arrays[col] if typ is None else arrays[col].cast(typ)  # a safe cast: 2.5 is no int
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise ConfigError(f"trial {trial_id}: column {col}: expected {typ}, got {_plain(value)!r}") from None
     meta = {"skinsweep": json.dumps({"format": FORMAT_VERSION, "params": params})}
     return pa.table(arrays).replace_schema_metadata(meta)
 
@@ -182,29 +185,6 @@ def _plain(value: Any) -> Any:
     if not isinstance(value, (bool, int, float, str)):
         return str(value)  # Path, enum, ...
     return value
-
-
-def _coerce(value: Any, typ: pa.DataType, what: str) -> Any:
-    """``value`` as a Python value of the column type ``typ``; a one-line ConfigError when it is not one."""
-    value = _plain(value)
-    if value is None:
-        return None
-    try:
-        if typ == _I:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if typ == _F:
-            return float(value)
-        if typ == _S:
-            return str(value)
-        if pa.types.is_boolean(typ):
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        return _to_utc(value, what)
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{what}: expected {typ}, got {value!r}") from None
 
 
 def _to_utc(value: Any, what: str) -> dt.datetime | None:
@@ -245,30 +225,22 @@ def append_row(old: pa.Table | None, row: pa.Table) -> pa.Table:
     columns = {}
     for col in order:
         chunks = [t[col] if col in t.column_names else pa.chunked_array([pa.nulls(t.num_rows)]) for t in parts]
-        typ = TRIAL_COLUMNS.get(col) or _column_type(col, chunks)
-        columns[col] = pa.chunked_array([c for part in chunks for c in pc.cast(part, typ).chunks], type=typ)
+        typ = TRIAL_COLUMNS.get(col) or PARAM_TYPES.get(col) or _EXTRA_TYPES.get(col) or _value_type(chunks)
+        try:
+            chunks = [pc.cast(c, typ) for c in chunks]
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # values an older file stored that do not fit
+            typ, chunks = _S, [pc.cast(c, _S) for c in chunks]
+        columns[col] = pa.chunked_array([piece for c in chunks for piece in c.chunks], type=typ)
     meta = {"skinsweep": json.dumps({"format": FORMAT_VERSION, "params": params})}
     return pa.table(columns).replace_schema_metadata(meta).combine_chunks()
 
 
-def _column_type(col: str, chunks: list) -> pa.DataType:
-    """One type for a column seen as ``chunks``: the declared one (config field, known extra) when every
-    chunk converts to it, else by values — all equal → that; ints and floats → float64; otherwise string.
-    A chunk of only nulls has no say (it has no real type yet)."""
-    declared = PARAM_TYPES.get(col) or _EXTRA_TYPES.get(col)
+def _value_type(chunks: list[pa.ChunkedArray]) -> pa.DataType:
+    """The type of a column no one declares, from the values seen: all of one type → it; ints and floats
+    → float64; otherwise string. A chunk of only nulls has no say (it has no real type yet)."""
     seen = {c.type for c in chunks if c.null_count < len(c)}
-    if declared is not None and all(_converts(c, declared) for c in chunks):
-        return declared
     if len(seen) == 1:
         return seen.pop()
     if seen and all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in seen):
         return _F
     return _S
-
-
-def _converts(chunk, typ: pa.DataType) -> bool:
-    try:
-        pc.cast(chunk, typ)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return False
-    return True
