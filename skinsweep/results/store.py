@@ -116,10 +116,7 @@ class ResultsStore:
             return
         with _locked(self.root / LOCK):
             old = self._read_trials_table()
-            keep = old.filter(pc.invert(pc.is_in(old["trial_id"], value_set=pa.array(sorted(ids)))))
-            with atomic_path(self.trials_path) as tmp:
-                pq.write_table(keep, tmp)
-            self._tidy(set(keep["trial_id"].to_pylist()))
+            self._replace_trials(old.filter(pc.invert(pc.is_in(old["trial_id"], value_set=pa.array(sorted(ids))))))
 
     def _write(self, trial_id: str, row: pa.Table, table: pa.Table | None, history: pa.Table | None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -137,15 +134,15 @@ class ResultsStore:
             old = self._read_trials_table()
             if old is not None:
                 old = old.filter(pc.not_equal(old["trial_id"], trial_id))
-            new = append_row(old, row)
-            with atomic_path(self.trials_path) as tmp:
-                pq.write_table(new, tmp)
-            self._tidy(set(new["trial_id"].to_pylist()))
+            self._replace_trials(append_row(old, row))
 
-    def _tidy(self, ids: set[str]) -> None:
-        """Remove what an earlier crashed write left (we hold the lock, so no write is in flight):
-        predictions files without a row, which raw readers of predictions/ would otherwise see, and
-        temporary files of a killed process."""
+    def _replace_trials(self, table: pa.Table) -> None:
+        """Write ``table`` as trials.parquet (atomically; under the lock), then remove what an earlier crashed
+        write left (no write is in flight): predictions / history files without a row, which raw readers of
+        predictions/ would otherwise see, and temporary files of a killed process."""
+        with atomic_path(self.trials_path) as tmp:
+            pq.write_table(table, tmp)
+        ids = set(table["trial_id"].to_pylist())
         history = self.root / HISTORY_DIR
         leftovers = [*self.root.glob(f".{TRIALS}.*.tmp"), *self.predictions_dir.glob(".*.parquet.*.tmp"),
                      *history.glob(".*.parquet.*.tmp")]
@@ -166,9 +163,12 @@ class ResultsStore:
 
     def trial_ids(self) -> set[str]:
         """Ids of the trials recorded so far (what a resumed sweep must not repeat)."""
+        return set(self._ids_in_order())
+
+    def _ids_in_order(self) -> list[str]:
         if not self.trials_path.is_file():
-            return set()
-        return set(pq.read_table(self.trials_path, columns=["trial_id"])["trial_id"].to_pylist())
+            return []
+        return pq.read_table(self.trials_path, columns=["trial_id"])["trial_id"].to_pylist()
 
     def trials(self) -> pd.DataFrame:
         """The trials table (one row per trial); empty with the fixed columns before the first trial."""
@@ -179,10 +179,8 @@ class ResultsStore:
 
     def prediction_files(self, trial_ids: set[str] | None = None) -> list[Path]:
         """Predictions files of recorded trials (in trials.parquet order), optionally only ``trial_ids``."""
-        if not self.trials_path.is_file():
-            return []
-        ids = pq.read_table(self.trials_path, columns=["trial_id"])["trial_id"].to_pylist()
-        files = [self.predictions_dir / f"{t}.parquet" for t in ids if trial_ids is None or t in trial_ids]
+        files = [self.predictions_dir / f"{t}.parquet" for t in self._ids_in_order()
+                 if trial_ids is None or t in trial_ids]
         return [f for f in files if f.is_file()]
 
     def history(self, trial_ids: Iterable[str] | None = None) -> pd.DataFrame:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -67,7 +66,7 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
     the driver's disk, which another node cannot see.
     """
     import ray
-    from ray import tune
+    import torch
 
     from skinsweep.sweep.recipe import SweepRecipe
     from skinsweep.train.loop import run_trial
@@ -81,18 +80,13 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
         if not local_split.is_file():
             fetch(*split_remote, local_split)
         split_file = str(local_split)
-    values = trial_params(recipe, params)
-    cfg = recipe.trial_config(values, split=split_file)
-    ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
-    node = ray.get_runtime_context().get_node_id()
+    cfg = recipe.trial_config(trial_params(recipe, params), split=split_file)
+    trial_id = tune.get_context().get_trial_id()
     _maybe_inject_fault(trial_id)
-    import torch
-
     # A trial computes with exactly its CPU share (Ray also sets OMP_NUM_THREADS to it); the count in effect
     # is reported, and recorded in trials.parquet, so a slow trial can be told from a starved one.
     torch.set_num_threads(max(1, int(recipe.resources.cpus_per_trial)))
-    where = {"node": node, "torch_threads": torch.get_num_threads()}
+    where = {"node": ray.get_runtime_context().get_node_id(), "torch_threads": torch.get_num_threads()}
 
     def report_epoch(m: dict[str, Any]) -> None:
         if m["epoch"] >= cfg.epochs:
@@ -110,10 +104,10 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
         final = {f"final_{k}": v for k, v in res.val.items() if isinstance(v, (int, float))}
         # The searcher optimises the selected epoch's metric; the final report has no EPOCH_KEY, so ASHA
         # does not treat it as another rung result.
-        metric, mode = recipe.scheduler.metric, recipe.scheduler.mode
-        final[metric] = res.val.get(metric.removeprefix("val_"), float("nan")) if res.val else float("nan")
-        if final[metric] is None or (isinstance(final[metric], float) and math.isnan(final[metric])):
-            final[metric] = float("-inf") if mode == "max" else float("inf")
+        metric = recipe.scheduler.metric
+        value = res.val.get(metric.removeprefix("val_")) if res.val else None
+        worst = float("-inf") if recipe.scheduler.mode == "max" else float("inf")
+        final[metric] = worst if value is None or value != value else value  # None or NaN: the worst
         tune.report(final | {FINAL_KEY: 1, "status_code": 0 if res.status == "completed" else 1} | where,
                     checkpoint=tune.Checkpoint.from_directory(str(work / "trial")))
     finally:
