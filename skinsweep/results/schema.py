@@ -161,11 +161,12 @@ def trial_row(summary: dict, status: str | None, extra: dict) -> pa.Table:
     arrays = {}
     for col, value in row.items():
         typ = TRIAL_COLUMNS.get(col) or (PARAM_TYPES.get(col) if col in params else _EXTRA_TYPES.get(col))
-        arrays[col] = pa.array([_plain(value)])
         try:
+            arrays[col] = pa.array([_plain(value)])
             arrays[col] = arrays[col] if typ is None else arrays[col].cast(typ)  # a safe cast: 2.5 is no int
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise ConfigError(f"trial {trial_id}: column {col}: expected {typ}, got {_plain(value)!r}") from None
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OverflowError):
+            raise ConfigError(f"trial {trial_id}: column {col}: expected {typ or 'a value Arrow can store'}, "
+                              f"got {_plain(value)!r}") from None
     meta = {"skinsweep": json.dumps({"format": FORMAT_VERSION, "params": params})}
     return pa.table(arrays).replace_schema_metadata(meta)
 
