@@ -165,11 +165,15 @@ class _Events(tune.Callback):
 
 @dataclass(frozen=True)
 class _Place:
-    """Where a sweep's results go: the local store, its object-store mirror (or None), and how to name it."""
+    """Where a sweep's results go: the local store and its object-store mirror (or None)."""
 
     out_dir: Path          # the (local) results store
     remote: Remote | None  # object-store storage, mirrored after every trial
-    where: str             # the sweep folder in messages: the local path or the object-store URI
+
+    @property
+    def where(self) -> str:
+        """The sweep folder in messages and sweep.json: the object-store URI, else the local path."""
+        return self.remote.uri if self.remote is not None else str(self.out_dir)
 
     @property
     def split_file(self) -> Path:
@@ -253,12 +257,12 @@ def _prepare_store(recipe, *, resume: bool, results_dir, console) -> _Place:
             raise ConfigError(f"--results-dir {results_dir}: only for object-store storage (s3://…); with storage "
                               f"{recipe.storage} the results are written to {out_dir} (change it with --set storage=…)")
         state_exists = (out_dir / "tuner.pkl").exists() or any(out_dir.glob("experiment_state*.json"))
-        place = _Place(out_dir, None, str(out_dir))
+        place = _Place(out_dir, None)
     else:
         out_dir = Path(results_dir if results_dir is not None else Path("results") / recipe.name).resolve()
         check_writable(remote)
         state_exists = remote.exists("tuner.pkl")
-        place = _Place(out_dir, remote, remote.uri)
+        place = _Place(out_dir, remote)
     if resume and not state_exists:
         raise ConfigError(f"--resume: {place.where} is not an interrupted skinsweep sweep (no Ray Tune state); "
                           f"run without --resume to start it")
