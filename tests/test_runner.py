@@ -214,6 +214,24 @@ def test_sweep_bad_input(data, tmp_path, args, message):
     assert message in r.output and "Traceback" not in r.output
 
 
+def test_existing_sweep_is_not_overwritten(data, tmp_path):
+    """A store that holds Ray Tune state is continued with --resume or left alone: the check runs before the
+    data is indexed or Ray starts, and nothing in the folder changes."""
+    import ray
+    from typer.testing import CliRunner
+
+    from skinsweep.cli import app
+
+    recipe = write_recipe(tmp_path / "r.yaml", name="again", storage=tmp_path / "res", data=data, n=2)
+    out = tmp_path / "res" / "again"
+    out.mkdir(parents=True)
+    (out / "tuner.pkl").write_bytes(b"state")
+    r = CliRunner().invoke(app, ["sweep", str(recipe)])
+    assert r.exit_code == 2, r.output
+    assert f"{out} already holds a sweep named 'again'; pass --resume to continue it" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["tuner.pkl"] and not ray.is_initialized()
+
+
 def test_explicit_trials_recipe(data, tmp_path):
     """A `trials:` recipe (like sweeps/paper.yaml) runs exactly the listed configurations."""
     needs_loopback()
