@@ -241,7 +241,6 @@ def _check_id(trial_id: str) -> str:
     return trial_id
 
 
-
 def _history_table(history: Any, trial_id: str) -> pa.Table | None:
     """A trial's per-epoch records as a table (numeric columns only; ``trial_id`` first), or None."""
     if not history:
