@@ -155,6 +155,77 @@ def test_column_types_unify_across_trials(tmp_path: Path) -> None:
     assert df.loc["a", "score"] == 1.0 and pd.isna(df.loc["a", "image_size"]) and df.loc["b", "image_size"] == 96
 
 
+# The hyperparameter column types the store wrote when it still inferred them from the values (captured
+# from skinsweep 9f5ea5e for full TrialConfig dumps, each field non-null in some trial): deriving them from
+# TrialConfig's annotations must keep every stored file the same.
+STORED_PARAM_TYPES = {
+    "data": "string", "split_file": "string", "split_seed": "int64", "positive": "string", "skip_bad": "bool",
+    "image_size": "int64", "resize_policy": "string", "backbone": "string", "weights": "string",
+    "backbone_args": "string", "mode": "string", "head": "string", "head_hidden": "int64", "dropout": "double",
+    "loss": "string", "pos_weight": "double", "focal_gamma": "double", "optimizer": "string", "lr": "double",
+    "backbone_lr_mult": "double", "weight_decay": "double", "batch_size": "int64", "epochs": "int64",
+    "warmup_epochs": "int64", "schedule": "string", "augment": "string", "select_metric": "string",
+    "embedding_cache": "bool", "seed": "int64", "device": "string", "eval_batch_size": "int64",
+}
+
+
+def trial_config(**kw) -> dict:
+    from skinsweep.train.config import TrialConfig
+
+    return TrialConfig(data="/data/ham", **kw).model_dump()
+
+
+def param_types(path: Path) -> dict[str, str]:
+    schema = pq.read_schema(path / "trials.parquet")
+    params = json.loads(schema.metadata[b"skinsweep"])["params"]
+    return {name: str(schema.field(name).type) for name in params}
+
+
+def test_param_column_types_come_from_trial_config_and_match_stored_files(tmp_path: Path) -> None:
+    from skinsweep.results import PARAM_TYPES
+
+    store = ResultsStore(tmp_path)
+    for tid, cfg in (("a", trial_config(weights="hub", split="/s.parquet", image_size=64, backbone_args={"x": 1})),
+                     ("b", trial_config(mode="linear_probe", head="mlp", loss="focal"))):
+        store.add_trial({**summary(tid), "config": cfg}, predictions=None)
+    written = param_types(tmp_path)
+    assert written == {k: str(v) for k, v in PARAM_TYPES.items()}  # one column per TrialConfig field, typed by it
+    assert {k: v for k, v in written.items() if k in STORED_PARAM_TYPES} == \
+        {k: v for k, v in STORED_PARAM_TYPES.items() if k in written}
+
+
+def test_all_null_optional_param_has_its_declared_type(tmp_path: Path) -> None:
+    """image_size is Optional[int]: int64 even while every trial leaves it unset (it was string, by its
+    first value, until a trial set it)."""
+    store = ResultsStore(tmp_path)
+    store.add_trial({**summary("a"), "config": trial_config()}, predictions=None)
+    assert param_types(tmp_path)["image_size"] == "int64"
+    store.add_trial({**summary("b"), "config": trial_config(image_size=96)}, predictions=None)
+    image_size = store.trials().set_index("trial_id")["image_size"]
+    assert pd.isna(image_size["a"]) and image_size["b"] == 96 and param_types(tmp_path)["image_size"] == "int64"
+
+
+def test_store_written_by_older_code_loads_and_takes_new_trials(tmp_path: Path) -> None:
+    """An older trials.parquet: image_size stored as string (all null), no dropout column (an older TrialConfig),
+    an extra column typed by its values. New trials append with the declared types; old rows keep their values."""
+    store = ResultsStore(tmp_path)
+    store.add_trial({**summary("old"), "config": trial_config()}, predictions=None, extra={"score": 1})
+    table = pq.read_table(tmp_path / "trials.parquet")
+    i = table.column_names.index("image_size")
+    old = table.set_column(i, "image_size", pa.nulls(1, pa.string())).drop(["dropout"])
+    pq.write_table(old.replace_schema_metadata(table.schema.metadata), tmp_path / "trials.parquet")
+    assert len(load(tmp_path).trials) == 1 and show(tmp_path)["trial_id"].tolist() == ["old"]
+
+    store.add_trial({**summary("new"), "config": trial_config(image_size=96, dropout=0.1)}, predictions=None,
+                    extra={"score": 2.5})
+    types = param_types(tmp_path)
+    assert types["image_size"] == "int64" and types["dropout"] == "double"
+    df = store.trials().set_index("trial_id")
+    assert df.loc["new", "image_size"] == 96 and pd.isna(df.loc["old", "image_size"])
+    assert df.loc["new", "dropout"] == 0.1 and pd.isna(df.loc["old", "dropout"])
+    assert df["score"].tolist() == [1.0, 2.5] and df.loc["old", "lr"] == 1e-4
+
+
 # ----------------------------------------------------------------------------- predictions
 
 

@@ -214,6 +214,24 @@ def test_sweep_bad_input(data, tmp_path, args, message):
     assert message in r.output and "Traceback" not in r.output
 
 
+def test_existing_sweep_is_not_overwritten(data, tmp_path):
+    """A store that holds Ray Tune state is continued with --resume or left alone: the check runs before the
+    data is indexed or Ray starts, and nothing in the folder changes."""
+    import ray
+    from typer.testing import CliRunner
+
+    from skinsweep.cli import app
+
+    recipe = write_recipe(tmp_path / "r.yaml", name="again", storage=tmp_path / "res", data=data, n=2)
+    out = tmp_path / "res" / "again"
+    out.mkdir(parents=True)
+    (out / "tuner.pkl").write_bytes(b"state")
+    r = CliRunner().invoke(app, ["sweep", str(recipe)])
+    assert r.exit_code == 2, r.output
+    assert f"{out} already holds a sweep named 'again'; pass --resume to continue it" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["tuner.pkl"] and not ray.is_initialized()
+
+
 def test_explicit_trials_recipe(data, tmp_path):
     """A `trials:` recipe (like sweeps/paper.yaml) runs exactly the listed configurations."""
     needs_loopback()
@@ -256,7 +274,8 @@ def test_tune_events_drive_store_and_progress(data, tmp_path):
     from skinsweep.sweep.progress import SweepProgress
     from skinsweep.sweep.recipe import load_recipe
     from skinsweep.results import ResultsStore
-    from skinsweep.sweep.runner import _Driver, _Events
+    from skinsweep.sweep.driver import SweepDriver
+    from skinsweep.sweep.runner import _Events
 
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(f"""
@@ -275,7 +294,7 @@ trials: [{{lr: 1.0e-3}}, {{lr: 2.0e-3, backbone: tiny_vit}}]
     b = fake_trial("ev_00001", {"lr": 2e-3, "backbone": "tiny_vit"})
     err = tmp_path / "error.txt"
     err.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: out of memory\n")
-    with _Driver(store, recipe, str(tmp_path / "split.parquet"), progress), progress:
+    with SweepDriver(store, recipe, str(tmp_path / "split.parquet"), progress), progress:
         events.on_trial_start(0, [a, b], a)
         events.on_trial_start(0, [a, b], b)
         for epoch, auc in ((1, 0.6), (2, 0.55)):

@@ -21,10 +21,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-STATUS_STYLE = {"PENDING": "dim", "RUNNING": "cyan", "RETRYING": "yellow", "COMPLETED": "green",
-                "PRUNED": "yellow", "DIVERGED": "magenta", "FAILED": "red"}
+STATUS_STYLE = {"RUNNING": "cyan", "RETRYING": "yellow", "COMPLETED": "green",
+                "PRUNED": "yellow", "DIVERGED": "magenta", "FAILED": "red"}  # in the order counts are shown
 FINAL = ("COMPLETED", "PRUNED", "DIVERGED", "FAILED")
-COUNT_ORDER = ("RUNNING", "RETRYING", "COMPLETED", "PRUNED", "DIVERGED", "FAILED")
 
 
 @dataclass
@@ -93,7 +92,7 @@ class SweepProgress:
             row = self.rows[trial_id] = TrialRow(trial_id, backbone, mode, dict(hparams), epochs=epochs)
         row.status = "RUNNING"
         self._touch(row)
-        self._emit(f"[start] {self._describe(row)}" + (f" (attempt {row.attempt})" if row.attempt > 1 else ""))
+        self._emit(f"[start] {self._label(row)}" + (f" (attempt {row.attempt})" if row.attempt > 1 else ""))
 
     def epoch(self, trial_id: str, epoch: int, value: float | None) -> None:
         row = self.rows.get(trial_id)
@@ -125,14 +124,13 @@ class SweepProgress:
         if row.final is not None and row.status != "FAILED" and (row.best is None or self._better(row.final, row.best)):
             row.best = row.final
         self._touch(row)
-        done = sum(r.status in FINAL for r in self.rows.values())
         value_text = f" {self.metric} {row.final:.3f}" if row.final is not None else ""
-        self._emit(f"[{done}/{self.total}] {row.trial_id} {row.status} {self._describe(row, ids=False)}"
+        self._emit(f"[{self.done()}/{self.total}] {row.trial_id} {row.status} {self._label(row, ids=False)}"
                    f"{self._epoch_text(row, ' · epoch ')}{value_text} — {self.summary()}")
 
     # ---- rendering --------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in COUNT_ORDER}
+        out = {s: 0 for s in STATUS_STYLE}
         for r in self.rows.values():
             out[r.status] = out.get(r.status, 0) + 1
         return out
@@ -153,9 +151,12 @@ class SweepProgress:
             text += f"; best so far {best.trial_id} ({best.backbone}, {best.mode}) {self.metric} {best.final:.3f}"
         return text
 
+    def done(self) -> int:
+        """Trials that have ended (completed, pruned, diverged or failed)."""
+        return sum(r.status in FINAL for r in self.rows.values())
+
     def header(self) -> str:
-        done = sum(r.status in FINAL for r in self.rows.values())
-        return f"sweep {self.name}: {done}/{self.total} trials done · {self.summary()}"
+        return f"sweep {self.name}: {self.done()}/{self.total} trials done · {self.summary()}"
 
     def table(self) -> Table:
         t = Table(box=None, pad_edge=False, header_style="bold")
@@ -193,7 +194,7 @@ class SweepProgress:
         if self._live is not None:
             self._live.update(self.render(), refresh=True)
 
-    def _describe(self, row: TrialRow, ids: bool = True) -> str:
+    def _label(self, row: TrialRow, ids: bool = True) -> str:
         hp = _hparams(row.hparams)
         return " ".join(p for p in ((row.trial_id if ids else ""), row.backbone, row.mode, hp) if p)
 

@@ -25,12 +25,11 @@ from pathlib import Path
 
 from skinsweep.errors import ConfigError
 from skinsweep.files import atomic_path, atomic_write_text
+from skinsweep.results import HISTORY_DIR, PREDICTIONS_DIR, SWEEP_JSON, TRIALS, first_line
 
 # The Parquet store's files that the mirror holds (Ray Tune's own state and checkpoints are already there).
-STORE_FILES = ("split.parquet", "sweep.json")
-TRIALS = "trials.parquet"
-PREDICTIONS_DIR = "predictions"
-PER_TRIAL_DIRS = (PREDICTIONS_DIR, "history")  # one <trial_id>.parquet per trial in each
+STORE_FILES = ("split.parquet", SWEEP_JSON)
+PER_TRIAL_DIRS = (PREDICTIONS_DIR, HISTORY_DIR)  # one <trial_id>.parquet per trial in each
 CHECKPOINTS_DIR = "checkpoints"   # local copies of remote checkpoints (what bundles are built from)
 _MIRRORED = ".mirrored.json"      # {relative path: [size, mtime_ns]} of what the last mirror uploaded
 
@@ -80,7 +79,7 @@ def remote_sweep(storage: str, name: str) -> Remote | None:
     try:
         fs, base = pafs.FileSystem.from_uri(storage)
     except (pa.ArrowException, ValueError, OSError) as e:
-        raise ConfigError(f"storage {storage!r} is not a usable filesystem URI ({_first_line(e)}); use a local "
+        raise ConfigError(f"storage {storage!r} is not a usable filesystem URI ({first_line(e)}); use a local "
                           "path or an object-store URI such as s3://bucket/prefix") from None
     base = base.rstrip("/")
     if not base:
@@ -100,7 +99,7 @@ def check_writable(remote: Remote) -> None:
             f.write(b"ok")
         remote.fs.delete_file(marker)
     except (OSError, pa.ArrowException) as e:
-        raise ConfigError(f"storage {remote.uri} is not writable ({_first_line(e)[:240]}); check the bucket name, "
+        raise ConfigError(f"storage {remote.uri} is not writable ({first_line(e)[:240]}); check the bucket name, "
                           "the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws) and the endpoint "
                           "(AWS_ENDPOINT_URL), or use --set storage=PATH for a local folder") from None
 
@@ -174,8 +173,3 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,214 @@
+"""Reading a sweep's results: :func:`load`, :func:`show`, :func:`query`, :func:`header`.
+
+Queries use DuckDB: in-process (no server), reads Parquet natively with projection and predicate
+pushdown, and speaks plain SQL, which is what ``--where`` filters and ad-hoc joins need.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from skinsweep.errors import ConfigError, DataError, did_you_mean, short_list
+from skinsweep.results.schema import PREDICTIONS_SCHEMA, QUERY_PREDICTION_COLUMNS, STATUSES
+from skinsweep.results.store import TRIALS, ResultsStore
+
+SWEEP_JSON = "sweep.json"
+DEFAULT_COLUMNS: tuple[str, ...] = ("trial_id", "status", "backbone", "mode", "lr", "pos_weight", "best_epoch",
+                                    "val_auc", "val_ap", "test_auc", "test_ap", "runtime_s")
+
+
+class Results:
+    """A sweep's results: ``.trials`` (read now) and ``.predictions`` (read on first access)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.store = ResultsStore(path)
+        self.trials: pd.DataFrame = self.store.trials()
+
+    @cached_property
+    def predictions(self) -> pd.DataFrame:
+        return self.store.predictions()
+
+    @cached_property
+    def sweep(self) -> dict:
+        """``sweep.json`` (recipe, hashes) when the sweep wrote one, else ``{}``."""
+        return _sweep_json(self.path)
+
+    def show(self, **kwargs: Any) -> pd.DataFrame:
+        return show(self.path, **kwargs)
+
+    def query(self, sql: str) -> pd.DataFrame:
+        return query(self.path, sql)
+
+    def __repr__(self) -> str:
+        return f"Results({str(self.path)!r}, {len(self.trials)} trials)"
+
+
+def load(path: str | Path) -> Results:
+    """Open a sweep folder (or its trials.parquet) for reading."""
+    return Results(_sweep_dir(path))
+
+
+def _sweep_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if p.name == TRIALS and p.is_file():
+        p = p.parent
+    if not p.is_dir():
+        raise DataError(f"results folder {p} does not exist; pass a sweep folder such as results/<sweep>")
+    if not (p / TRIALS).is_file():
+        inside = sorted(str(d) for d in p.glob(f"*/{TRIALS}"))
+        hint = (f"did you mean {short_list([str(Path(d).parent) for d in inside], 3)}?" if inside
+                else "pass the folder a sweep wrote (results/<sweep>), or run `skinsweep sweep` first")
+        raise DataError(f"{p} is not a skinsweep sweep folder (no {TRIALS}); {hint}")
+    return p
+
+
+def _sweep_json(path: Path) -> dict:
+    try:
+        return json.loads((path / SWEEP_JSON).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _duckdb_views(path: Path, *, predictions: bool):
+    """A DuckDB connection with views ``trials`` (and ``predictions``) over the sweep's Parquet."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW trials AS SELECT * FROM read_parquet({_sql_str(path / TRIALS)})")
+    if predictions:
+        cols = ", ".join(_ident(c) for c in QUERY_PREDICTION_COLUMNS)
+        files = ResultsStore(path).prediction_files()
+        if files:
+            # explicit files of recorded trials: an orphan left by a crash is not read
+            listing = ", ".join(_sql_str(f) for f in files)
+            con.execute(f"CREATE VIEW predictions AS SELECT {cols} FROM read_parquet([{listing}])")
+        else:
+            con.register("_no_predictions", PREDICTIONS_SCHEMA.empty_table())
+            con.execute(f"CREATE VIEW predictions AS SELECT {cols} FROM _no_predictions")
+    return con
+
+
+def _sql_str(value: Any) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _duckdb_message(e: Exception) -> str:
+    """DuckDB's message in one line (it spans several, with a caret diagram after 'LINE n:')."""
+    lines = []
+    for ln in str(e).splitlines():
+        if ln.startswith("LINE "):
+            break
+        if ln.strip():
+            lines.append(ln.strip())
+    return " ".join(lines) or type(e).__name__
+
+
+def query(path: str | Path, sql: str) -> pd.DataFrame:
+    """Run DuckDB SQL over the views ``trials`` (trials.parquet) and ``predictions`` (predictions/).
+
+    ``predictions`` has the per-image columns (:data:`QUERY_PREDICTION_COLUMNS`); per-trial columns such as
+    backbone, mode or the hashes come from ``trials`` (``JOIN trials USING (trial_id)``), so names never clash.
+
+    Example: ``query(d, "SELECT backbone, avg(prob) FROM predictions JOIN trials USING (trial_id) GROUP BY 1")``.
+    """
+    import duckdb
+
+    p = _sweep_dir(path)
+    con = _duckdb_views(p, predictions=True)
+    try:
+        rel = con.sql(sql)
+        if rel is None:
+            raise ConfigError(f"query on {p}: the SQL returned no table; write a SELECT over trials / predictions")
+        return rel.df()
+    except duckdb.Error as e:
+        raise ConfigError(f"query on {p} failed: {_duckdb_message(e)} (views: trials = one row per trial; "
+                          f"predictions = {', '.join(QUERY_PREDICTION_COLUMNS)}, join trials USING (trial_id) "
+                          "for per-trial columns)") from None
+    finally:
+        con.close()
+
+
+def sort_ascending(column: str) -> bool:
+    """Sort direction for ``show``: metrics by their direction (loss, ece, brier ascending; the rest
+    descending), with a ``val_`` / ``test_`` prefix stripped; any other column ascending."""
+    from skinsweep.metrics import HIGHER_IS_BETTER
+
+    metric = re.sub(r"^(val|test)_", "", column)
+    return not HIGHER_IS_BETTER[metric] if metric in HIGHER_IS_BETTER else True
+
+
+def show(
+    path: str | Path,
+    *,
+    top: int | None = 10,
+    by: str = "val_auc",
+    where: str | None = None,
+    columns: list[str] | None = None,
+    ascending: bool | None = None,
+) -> pd.DataFrame:
+    """The best trials: filtered by ``where``, sorted by ``by``, the first ``top``.
+
+    Args:
+        path: sweep folder.
+        top: rows to return (None = all).
+        by: column to sort by; metrics sort best first (see :func:`sort_ascending`); nulls last.
+        where: SQL boolean expression over trials columns, e.g. ``"backbone = 'dino_vits16' AND lr < 1e-3"``.
+        columns: columns to return (default :data:`DEFAULT_COLUMNS` that exist, plus ``by``).
+        ascending: override the sort direction.
+
+    Returns:
+        A DataFrame; ``df.attrs["header"]`` holds a one-line description of the sweep.
+    """
+    import duckdb
+
+    p = _sweep_dir(path)
+    available = pq.read_schema(p / TRIALS).names
+    if by not in available:
+        raise ConfigError(f"cannot sort by {by!r}: no such column in {p / TRIALS}{did_you_mean(by, available)}; "
+                          f"columns: {', '.join(available)}")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ConfigError(f"top must be a positive number of rows (or None for all), got {top!r}")
+    if columns is None:
+        columns = [c for c in DEFAULT_COLUMNS if c in available] + ([by] if by not in DEFAULT_COLUMNS else [])
+    else:
+        unknown = [c for c in columns if c not in available]
+        if unknown:
+            raise ConfigError(f"unknown column(s) {', '.join(unknown)} in {p / TRIALS}"
+                              f"{did_you_mean(unknown[0], available)}; columns: {', '.join(available)}")
+    asc = sort_ascending(by) if ascending is None else ascending
+    select = ", ".join(_ident(c) for c in columns)
+    sql = (f"SELECT {select} FROM trials" + (f" WHERE ({where})" if where and where.strip() else "")
+           + f" ORDER BY {_ident(by)} {'ASC' if asc else 'DESC'} NULLS LAST, trial_id"
+           + (f" LIMIT {top}" if top is not None else ""))
+    con = _duckdb_views(p, predictions=False)
+    try:
+        df = con.sql(sql).df()
+    except duckdb.Error as e:
+        raise ConfigError(f"--where {where!r} is not a valid filter on {p / TRIALS}: {_duckdb_message(e)}") from None
+    finally:
+        con.close()
+    df.attrs["header"] = header(p)
+    return df
+
+
+def header(path: str | Path) -> str:
+    """One line about a sweep: name, trial counts by status, recipe and split hashes."""
+    p = _sweep_dir(path)
+    info = _sweep_json(p)
+    status = pq.read_table(p / TRIALS, columns=["status"])["status"].to_pylist()
+    counts = ", ".join(f"{s} {status.count(s)}" for s in STATUSES if status.count(s))
+    parts = [f"sweep {info.get('name') or p.name}: {len(status)} trials" + (f" ({counts})" if counts else "")]
+    parts += [f"{k.replace('_', ' ')} {info[k]}" for k in ("recipe_hash", "split_hash") if info.get(k)]
+    return " · ".join(parts)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

@@ -1,0 +1,235 @@
+"""The driver side of a sweep: Tune's trial events → the progress view and the results store.
+
+:class:`SweepDriver` receives the events of the sweep running in this process (from the Tune callback
+in :mod:`skinsweep.sweep.runner`, or from tests with made-up trials), draws them in the progress view
+(:mod:`skinsweep.sweep.progress`) and, when a trial ends, consolidates it into the Parquet results store
+(:func:`consolidate_trial`: its checkpoint's ``summary.json`` and predictions, or a pruned / failed row),
+then mirrors the store to object-store storage (:mod:`skinsweep.sweep.storage`). Nothing here imports Ray:
+Tune's trial and result objects are used through their attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from skinsweep.errors import ConfigError
+from skinsweep.results import first_line
+from skinsweep.sweep.storage import CHECKPOINTS_DIR, Remote
+
+FINAL_KEY = "skinsweep_final"  # set only in a trial's last report (with its checkpoint)
+EPOCH_KEY = "epoch"            # ASHA's time attribute; absent from the final report so ASHA ignores it
+POINT_KEY = "params"           # Tune config key holding one `trials:` entry (explicit recipes)
+
+_ACTIVE: list["SweepDriver"] = []  # the driver of the sweep running in this process (see active_driver)
+
+
+def active_driver() -> "SweepDriver":
+    """The driver of the sweep running in this process (Tune's callback forwards its events here)."""
+    if not _ACTIVE:
+        raise RuntimeError("skinsweep sweep callback called outside run_sweep")
+    return _ACTIVE[-1]
+
+
+class SweepDriver:
+    """The driver side of one sweep run: progress view, consolidation into the store, mirroring.
+
+    Args:
+        store: the (local) results store.
+        recipe: the sweep recipe.
+        split_file: the split manifest on the driver (recorded in pruned / failed trials' configs).
+        progress: the progress view (:class:`skinsweep.sweep.progress.SweepProgress`).
+        remote: object-store storage to mirror the store to after each trial, or None.
+    """
+
+    def __init__(self, store, recipe, split_file: str, progress, remote: Remote | None = None) -> None:
+        self.store, self.recipe, self.split_file = store, recipe, split_file
+        self.progress, self.remote = progress, remote
+        self.metric = recipe.scheduler.metric
+        self.mirror_error: str | None = None
+        self.history: dict[str, list[dict]] = {}  # per-epoch results, stored for trials pruned by ASHA
+
+    def __enter__(self) -> "SweepDriver":
+        """Receive the Tune events of this process (see :func:`active_driver`) until the block ends."""
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
+
+    def preload(self) -> None:
+        """Show the trials already in the store (``--resume``) as finished rows."""
+        df = self.store.trials()
+        names = [k for k in (self.recipe.search.space if self.recipe.search else
+                             {k: 0 for p in self.recipe.trials for k in p}) if k not in ("backbone", "mode")]
+        for _, row in df.iterrows():
+            hp = {k: row[k] for k in names if k in row.index and row[k] is not None and row[k] == row[k]}
+            self.progress.add_finished(row["trial_id"], row.get("backbone"), row.get("mode"), hp, row["status"],
+                                       row.get(self.metric), epoch=row.get("epochs_run"))
+
+    def started(self, trial) -> None:
+        params = trial_params(self.recipe, trial.config)
+        cfg = self.recipe.trial_config(params, split=self.split_file)
+        hparams = {k: v for k, v in params.items() if k not in ("backbone", "mode")}
+        self.progress.started(trial.trial_id, cfg.backbone, cfg.mode, hparams, cfg.epochs)
+
+    def result(self, trial, result: dict) -> None:
+        if EPOCH_KEY in result and not result.get(FINAL_KEY):
+            self.progress.epoch(trial.trial_id, result[EPOCH_KEY], result.get(self.metric))
+            rec = {k: v for k, v in result.items() if k == "epoch" or k.startswith(("train_", "val_"))}
+            self.history.setdefault(trial.trial_id, []).append(rec)
+
+    def recovering(self, trial) -> None:
+        self.progress.retrying(trial.trial_id, trial.num_failures + 1, _last_error(trial))
+
+    def finished(self, trial) -> None:
+        status = consolidate_trial(self.store, self.recipe, trial, self.split_file, remote=self.remote,
+                                   history=self.history.pop(trial.trial_id, None))
+        df = self.store.trials()
+        row = df[df["trial_id"] == trial.trial_id]
+        value = row[self.metric].iloc[0] if len(row) and self.metric in row else None
+        epochs = row["epochs_run"].iloc[0] if len(row) else None
+        self.sync()
+        self.progress.finished(trial.trial_id, status, value,
+                               epoch=None if epochs is None or epochs != epochs else int(epochs))
+
+    def sync(self, *, final: bool = False) -> None:
+        """Mirror the store to object-store storage. During the sweep a failure is a warning (the next
+        mirror catches up: it copies whatever changed); at the end it is an error."""
+        if self.remote is None:
+            return
+        import pyarrow as pa
+
+        from skinsweep.sweep.storage import mirror
+
+        try:
+            mirror(self.store.root, self.remote)
+            self.mirror_error = None
+        except (OSError, pa.ArrowException) as e:
+            msg = first_line(e)[:240]
+            if final:
+                raise ConfigError(f"could not copy the results store {self.store.root} to {self.remote.uri} ({msg}); "
+                                  "check the bucket, credentials and endpoint (AWS_ENDPOINT_URL), then run the "
+                                  "same command again (with --resume once trials have run)") from None
+            if self.mirror_error != msg:
+                self.progress.console.print(f"[yellow]warning[/]: could not copy results to {self.remote.uri} "
+                                            f"({msg}); retrying after the next trial", highlight=False)
+            self.mirror_error = msg
+
+
+def consolidate_trial(store, recipe, trial, split_file: str, remote: Remote | None = None,
+                      history: list[dict] | None = None) -> str:
+    """Put one finished Tune trial into the store; returns the status recorded.
+
+    ``remote``: the sweep's object-store folder when ``storage`` is one (the trial's checkpoint is then
+    copied into the store's ``checkpoints/``, so that bundles can be built from the local store).
+    ``history``: the per-epoch results Tune saw, stored for a pruned trial (a completed one has its own
+    in summary.json).
+    """
+    result = trial.last_result or {}
+    params = trial_params(recipe, trial.config)
+    base_extra = _row_extra(recipe, params, result)
+    if result.get(FINAL_KEY) and trial.checkpoint is not None:
+        return _add_from_checkpoint(store, trial.trial_id, trial.checkpoint,
+                                    base_extra | {"attempts": trial.num_failures + 1}, remote)
+    if trial.status == "ERROR" or trial.error_file:
+        err = _last_error(trial)
+        cfg = recipe.trial_config(params, split=split_file).model_dump()
+        store.add_failed(trial.trial_id, cfg, err, extra=base_extra | {"attempts": trial.num_failures})
+        return "failed"
+    # Stopped by ASHA before its last epoch: record what it reached, no predictions, no test score.
+    summary = _pruned_summary(recipe, params, trial, result, split_file) | {"history": history or []}
+    store.add_trial(summary, predictions=None, status="pruned",
+                    extra=base_extra | {"pruned_at_epoch": result.get(EPOCH_KEY)})
+    return "pruned"
+
+
+def _pruned_summary(recipe, params, trial, result, split_file: str) -> dict:
+    cfg = recipe.trial_config(params, split=split_file)
+    val = {k.removeprefix("val_"): v for k, v in result.items() if k.startswith("val_")}
+    return {"trial_id": trial.trial_id, "status": "pruned", "config": cfg.model_dump(), "config_hash": cfg.hash,
+            "best_epoch": None, "epochs_run": result.get(EPOCH_KEY), "val": val, "test": {},
+            "runtime_s": result.get("time_total_s"), "split_hash": None}
+
+
+def _last_error(trial) -> str:
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() else ""
+    except OSError:
+        text = ""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else "trial failed (no error file)"
+
+
+def add_if_missing(store, recipe, result, known, remote: Remote | None = None) -> None:
+    """A finished trial (from Tune's ResultGrid) that the store lacks is added from its checkpoint; so is a
+    completed one without a checkpoint copy in this store (object-store storage, resumed with another
+    ``results_dir`` or on another machine: the pulled trials.parquet names the old copy).
+
+    ``known``: the store's trials table indexed by ``trial_id``.
+    """
+    metrics = result.metrics or {}
+    trial_id = metrics.get("trial_id")
+    if not trial_id:
+        return
+    extra = {}
+    if trial_id in known.index:
+        row = known.loc[trial_id]
+        own = store.root / CHECKPOINTS_DIR / trial_id / "checkpoint.safetensors"
+        if remote is None or row["status"] != "completed" or (str(row["checkpoint"]) == str(own) and own.is_file()):
+            return
+        if "attempts" in row.index and row["attempts"] == row["attempts"]:
+            extra["attempts"] = int(row["attempts"])
+    if metrics.get(FINAL_KEY) and result.checkpoint is not None:
+        extra = _row_extra(recipe, trial_params(recipe, result.config), metrics) | extra
+        _add_from_checkpoint(store, trial_id, result.checkpoint, extra, remote)
+
+
+def _add_from_checkpoint(store, trial_id: str, ckpt, extra: dict, remote: Remote | None = None) -> str:
+    """Fetch a finished trial's artefact folder from Ray's storage and add it to the store; its status.
+
+    With local / NFS storage the ``checkpoint`` column points into Ray's storage. With an object store it
+    points to a local copy in ``<store>/checkpoints/<trial_id>/`` (what a bundle is built from) and
+    ``checkpoint_uri`` says where the original is.
+    """
+    original = ckpt.path.rstrip("/") + "/checkpoint.safetensors"
+    if remote is None:
+        with tempfile.TemporaryDirectory(prefix="skinsweep-consolidate-") as tmp:
+            return _add_trial_folder(store, Path(ckpt.to_directory(tmp)), extra | {"checkpoint": original})
+    dest = store.root / CHECKPOINTS_DIR / trial_id
+    tmp = dest.with_name(f".{trial_id}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ckpt.to_directory(str(tmp))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)  # a reader sees no checkpoint folder or a whole one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    status = _add_trial_folder(store, dest, extra | {"checkpoint": str(dest / "checkpoint.safetensors"),
+                                                     "checkpoint_uri": remote.uri_of(original)})
+    (dest / "predictions.parquet").unlink(missing_ok=True)  # now in the store's predictions/
+    return status
+
+
+def _add_trial_folder(store, folder: Path, extra: dict) -> str:
+    """Add the trial whose artefacts (``summary.json``, ``predictions.parquet``) are in ``folder``; its status."""
+    summary = json.loads((folder / "summary.json").read_text())
+    preds = folder / "predictions.parquet"
+    store.add_trial(summary, predictions=preds if preds.is_file() else None, extra=extra)
+    return summary["status"]
+
+
+def trial_params(recipe, config: dict) -> dict:
+    """A Tune config → TrialConfig-named params (Optuna names mapped back; a `trials:` point unwrapped)."""
+    if not recipe.search:
+        return dict(config.get(POINT_KEY, {}))
+    return recipe.params_from_optuna(config)
+
+
+def _row_extra(recipe, params: dict, result: dict) -> dict:
+    """The trials.parquet columns the sweep adds to a trial's own: where it ran, with what, for which recipe."""
+    return {"node": result.get("node"), "torch_threads": result.get("torch_threads"), "recipe_hash": recipe.hash,
+            **recipe.resources_for(params)}
