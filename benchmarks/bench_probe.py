@@ -36,7 +36,8 @@ def main() -> None:
     import torch
 
     from skinsweep.data.synth import synthesize
-    from skinsweep.train.loop import PREDICTIONS, parse_config, run_trial
+    from skinsweep.train.config import parse_config
+    from skinsweep.train.loop import PREDICTIONS, run_trial
 
     root = args.data or Path(tmp.name) / "synth"
     if args.data is None:

@@ -33,7 +33,8 @@ def main() -> None:
     if not args.data.exists():
         raise SystemExit(f"real data not found at {args.data}; pass --data DIR (ISIC 2018 / HAM10000 layout)")
 
-    from skinsweep.train.loop import parse_config, run_trial
+    from skinsweep.train.config import parse_config
+    from skinsweep.train.loop import run_trial
 
     cfg = parse_config(dict(data=str(args.data), backbone=args.backbone, backbone_args={"input_size": args.size},
                             image_size=args.size, mode="finetune", epochs=args.epochs, lr=args.lr,

@@ -42,3 +42,9 @@ def did_you_mean(name, valid, *, n: int = 2, cutoff: float = 0.6, lower: bool = 
     key = str(name).lower() if lower else str(name)
     close = difflib.get_close_matches(key, [str(v) for v in valid], n=n, cutoff=cutoff)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message in one line (its first), or its type's name when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -73,3 +73,14 @@ def json_safe(o: Any) -> Any:
     if isinstance(o, np.integer):
         return int(o)
     return o
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON file's object, or ``{}`` when the file is missing or not valid JSON (a store's optional
+    bookkeeping files: a missing one means "nothing recorded yet")."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}

@@ -26,7 +26,8 @@ def sweep(tmp_path_factory):
 
     from skinsweep.data.synth import synthesize
     from skinsweep.results import ResultsStore
-    from skinsweep.train.loop import parse_config, run_trial
+    from skinsweep.train.config import parse_config
+    from skinsweep.train.loop import run_trial
 
     base = tmp_path_factory.mktemp("ens")
     os.environ["SKINSWEEP_CACHE"] = str(base / "cache")  # module-scoped: one cache for the fixture's trials

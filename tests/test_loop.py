@@ -11,7 +11,8 @@ import torch
 
 from skinsweep.errors import BackboneError, ConfigError, DataError
 from skinsweep.metrics import binary_metrics
-from skinsweep.train.loop import CHECKPOINT, MODEL_JSON, PREDICTIONS, SUMMARY, load_trial_model, parse_config, run_trial
+from skinsweep.train.config import parse_config
+from skinsweep.train.loop import CHECKPOINT, MODEL_JSON, PREDICTIONS, SUMMARY, load_trial_model, run_trial
 
 
 @pytest.fixture(scope="session")

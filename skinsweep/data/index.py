@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from skinsweep.errors import DataError, short_list
+from skinsweep.errors import DataError, first_line, short_list
 from skinsweep.files import atomic_write_text, cache_dir, dataset_key
 
 ISIC_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
@@ -254,7 +254,7 @@ def _read_csv_file(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{path}: not a readable CSV ({str(e).splitlines()[0]}); check the file") from None
+        raise DataError(f"{path}: not a readable CSV ({first_line(e)}); check the file") from None
     df.columns = [c.strip() for c in df.columns]
     return df
 

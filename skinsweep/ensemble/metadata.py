@@ -40,7 +40,7 @@ import pandas as pd
 from sklearn.utils.validation import check_is_fitted
 
 from skinsweep.ensemble.estimator import UPGRADES, SkinsweepEstimator, register
-from skinsweep.errors import ConfigError, DataError, short_list
+from skinsweep.errors import ConfigError, DataError, first_line, short_list
 
 __all__ = ["METADATA_FEATURES", "MetadataEncoder", "SplitMetadata", "dataset_metadata", "join_metadata",
            "metadata_table", "prepare_metadata", "read_metadata_csv"]
@@ -211,7 +211,7 @@ def read_metadata_csv(path: str | Path, features: Sequence[str]) -> pd.DataFrame
     except FileNotFoundError:
         raise DataError(f"metadata file not found: {path}; pass a CSV with image_id, age, sex, localization") from None
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{path}: not a readable CSV ({str(e).splitlines()[0]}); check the file") from None
+        raise DataError(f"{path}: not a readable CSV ({first_line(e)}); check the file") from None
     df.columns = [str(c).strip() for c in df.columns]
     return metadata_table(df, features, str(path)).reset_index()
 

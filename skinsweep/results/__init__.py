@@ -27,7 +27,7 @@ from skinsweep.results.schema import (
     TRIAL_COLUMNS,
     VERSION_KEYS,
 )
-from skinsweep.results.store import HISTORY_DIR, LOCK, PREDICTIONS_DIR, TRIALS, ResultsStore, first_line
+from skinsweep.results.store import HISTORY_DIR, LOCK, PREDICTIONS_DIR, TRIALS, ResultsStore
 
 __all__ = ["DEFAULT_COLUMNS", "METRICS", "PARAM_TYPES", "PREDICTIONS_SCHEMA", "QUERY_PREDICTION_COLUMNS", "Results",
-           "ResultsStore", "TRIAL_COLUMNS", "first_line", "header", "load", "query", "show", "sort_ascending"]
+           "ResultsStore", "TRIAL_COLUMNS", "header", "load", "query", "show", "sort_ascending"]

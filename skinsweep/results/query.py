@@ -6,7 +6,6 @@ pushdown, and speaks plain SQL, which is what ``--where`` filters and ad-hoc joi
 
 from __future__ import annotations
 
-import json
 import re
 from functools import cached_property
 from pathlib import Path
@@ -16,6 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from skinsweep.errors import ConfigError, DataError, did_you_mean, short_list
+from skinsweep.files import read_json
 from skinsweep.results.schema import PREDICTIONS_SCHEMA, QUERY_PREDICTION_COLUMNS, STATUSES
 from skinsweep.results.store import TRIALS, ResultsStore
 
@@ -39,7 +39,7 @@ class Results:
     @cached_property
     def sweep(self) -> dict:
         """``sweep.json`` (recipe, hashes) when the sweep wrote one, else ``{}``."""
-        return _sweep_json(self.path)
+        return read_json(self.path / SWEEP_JSON)
 
     def show(self, **kwargs: Any) -> pd.DataFrame:
         return show(self.path, **kwargs)
@@ -70,11 +70,6 @@ def _sweep_dir(path: str | Path) -> Path:
     return p
 
 
-def _sweep_json(path: Path) -> dict:
-    try:
-        return json.loads((path / SWEEP_JSON).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _duckdb_views(path: Path, *, predictions: bool):
@@ -202,7 +197,7 @@ def show(
 def header(path: str | Path) -> str:
     """One line about a sweep: name, trial counts by status, recipe and split hashes."""
     p = _sweep_dir(path)
-    info = _sweep_json(p)
+    info = read_json(p / SWEEP_JSON)
     status = pq.read_table(p / TRIALS, columns=["status"])["status"].to_pylist()
     counts = ", ".join(f"{s} {status.count(s)}" for s in STATUSES if status.count(s))
     parts = [f"sweep {info.get('name') or p.name}: {len(status)} trials" + (f" ({counts})" if counts else "")]

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from skinsweep.errors import ConfigError, DataError, short_list
+from skinsweep.errors import ConfigError, DataError, first_line, short_list
 from skinsweep.files import atomic_path
 from skinsweep.results.schema import PREDICTIONS_SCHEMA, SPLITS, TRIAL_COLUMNS, append_row, trial_row
 
@@ -34,12 +34,6 @@ HISTORY_DIR = "history"
 LOCK = ".lock"
 _REQUIRED_PREDICTION_COLUMNS = ("image_id", "label", "logit", "prob", "split")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
-
-
-def first_line(e: Exception) -> str:
-    """An exception's message in one line (its first), or its type's name when it has none."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class ResultsStore:

@@ -16,8 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from skinsweep.errors import ConfigError
-from skinsweep.results import first_line
+from skinsweep.errors import ConfigError, first_line
 from skinsweep.sweep.storage import CHECKPOINTS_DIR, Remote
 
 FINAL_KEY = "skinsweep_final"  # set only in a trial's last report (with its checkpoint)

@@ -38,8 +38,8 @@ from typing import Any
 
 from ray import tune  # the only module that imports Ray
 
-from skinsweep.errors import ConfigError
-from skinsweep.results import SWEEP_JSON, first_line
+from skinsweep.errors import ConfigError, first_line
+from skinsweep.results import SWEEP_JSON
 from skinsweep.sweep.driver import (EPOCH_KEY, FINAL_KEY, POINT_KEY, SweepDriver, active_driver, add_if_missing,
                                     consolidate_trial, trial_params)
 from skinsweep.sweep.storage import CHECKPOINTS_DIR, Remote

@@ -23,9 +23,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from skinsweep.errors import ConfigError
-from skinsweep.files import atomic_path, atomic_write_text
-from skinsweep.results import HISTORY_DIR, PREDICTIONS_DIR, SWEEP_JSON, TRIALS, first_line
+from skinsweep.errors import ConfigError, first_line
+from skinsweep.files import atomic_path, atomic_write_text, read_json
+from skinsweep.results import HISTORY_DIR, PREDICTIONS_DIR, SWEEP_JSON, TRIALS
 
 # The Parquet store's files that the mirror holds (Ray Tune's own state and checkpoints are already there).
 STORE_FILES = ("split.parquet", SWEEP_JSON)
@@ -113,7 +113,7 @@ def mirror(local: Path, remote: Remote) -> int:
     import pyarrow.fs as pafs
 
     local = Path(local)
-    done = _read_json(local / _MIRRORED)
+    done = read_json(local / _MIRRORED)
     files = [f"{d}/{p.name}" for d in PER_TRIAL_DIRS for p in sorted((local / d).glob("*.parquet"))
              if not p.name.startswith(".")]
     files += [f for f in STORE_FILES if (local / f).is_file()]
@@ -166,10 +166,3 @@ def fetch(fs, fs_path: str, dest: Path) -> Path:
     with atomic_path(dest) as tmp:
         pafs.copy_files(fs_path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dest
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

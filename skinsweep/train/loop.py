@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import skinsweep
-from skinsweep.errors import ConfigError, DataError
-from skinsweep.train.config import TrialConfig, parse_config  # noqa: F401  (parse_config: re-exported)
+from skinsweep.errors import ConfigError, DataError, first_line
+from skinsweep.train.config import TrialConfig
 
 PREDICTIONS = "predictions.parquet"
 SUMMARY = "summary.json"
@@ -369,7 +369,7 @@ def load_trial_model(out_dir: str | Path, device: str = "cpu"):
     try:
         load_model(model, str(out / CHECKPOINT), device=device)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = first_line(e)[:200]
         raise DataError(f"{out / CHECKPOINT} does not load into the model model.json describes ({reason}); "
                         "the file is damaged or from another trial — re-run the trial") from None
     return model.to(device).eval(), meta

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from skinsweep.errors import BackboneError, short_list
+from skinsweep.errors import BackboneError, first_line, short_list
 
 if TYPE_CHECKING:
     from skinsweep.train.backbones import Backbone
@@ -95,7 +95,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors / pickle / zip errors have no common base class
         kind = "safetensors" if path.endswith(".safetensors") else "torch state dict (weights_only=True)"
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        reason = first_line(e)[:160]
         raise BackboneError(f"weights file {path} could not be read as a {kind}: {reason}") from e
     # training checkpoints often nest the weights: {"state_dict": {...}, "epoch": ...}
     for key in ("state_dict", "model", "module"):
