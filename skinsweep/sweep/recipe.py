@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from skinsweep.config import FieldError, Override, Strict, errors, read_config, validate_config
+from skinsweep.config import FieldError, Strict, errors, read_config, validate_config
 from skinsweep.errors import ConfigError, did_you_mean
 from skinsweep.sweep.space import (DICT_FIELDS, FIXED_FIELDS, SEARCH_FIELDS, SEP, Param, SamplerSpec, SearchSpec,
                                    Range, field_problem)
-from skinsweep.train.config import TrialConfig
+from skinsweep.train.config import TrialConfig, parse_config
 
 if TYPE_CHECKING:
     import optuna
@@ -262,11 +262,7 @@ class SweepRecipe(Strict):
         self._check_params(params)
         values = _merge(self._base_values(split_path), params)
         values["device"] = device or ("auto" if self.resources(params)["gpu"] > 0 else "cpu")
-        try:
-            return TrialConfig.model_validate({k: v for k, v in values.items() if v is not None})
-        except ValidationError as e:
-            msgs = "; ".join(f"[{path}] {msg}" for path, msg in errors(e))
-            raise ConfigError(f"sweep {self.name}: invalid trial parameters {params}: {msgs}") from None
+        return parse_config(values, f"sweep {self.name}: invalid trial parameters {params}")
 
     def split_args(self) -> dict[str, Any]:
         """Keyword arguments of ``skinsweep.data.split.get_or_create_split`` for this recipe's manifest."""
@@ -429,12 +425,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *,
     """
     raw, sets = read_config(path, overrides, what="recipe", examples="sweeps/")
     _resolve_paths(raw, Path(base_dir) if base_dir is not None else Path.cwd())
-    return recipe_from_dict(raw, str(path), sets)
-
-
-def recipe_from_dict(raw: dict[str, Any], source: str = "recipe", sets: Sequence[Override] = ()) -> SweepRecipe:
-    """Validate an already-loaded recipe dict (paths are taken as given); errors as in :func:`load_recipe`."""
-    return validate_config(SweepRecipe, raw, source, sets)
+    return validate_config(SweepRecipe, raw, str(path), sets)
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
@@ -478,4 +469,4 @@ def _flatten_dicts(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["SweepRecipe", "load_recipe", "recipe_from_dict"]
+__all__ = ["SweepRecipe", "load_recipe"]
