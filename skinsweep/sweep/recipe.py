@@ -23,8 +23,8 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 
 from skinsweep.config import FieldError, Strict, errors, read_config, validate_config
 from skinsweep.errors import ConfigError, did_you_mean
-from skinsweep.sweep.space import (DICT_FIELDS, FIXED_FIELDS, SEARCH_FIELDS, SEP, Param, SamplerSpec, SearchSpec,
-                                   Range, field_problem)
+from skinsweep.sweep.space import (DATA_LEVEL, DICT_FIELDS, FIXED_FIELDS, SEARCH_FIELDS, SEP, SWEEP_LEVEL, Param,
+                                   SamplerSpec, SearchSpec, Range, field_problem)
 from skinsweep.train.config import TrialConfig, parse_config
 
 if TYPE_CHECKING:
@@ -170,9 +170,7 @@ class SweepRecipe(Strict):
             if problem := field_problem(key, FIXED_FIELDS):
                 raise FieldError(f"trial.{key}", problem)
         base = self._base_values(None)
-        sources = {k: f"trial.{k}" for k in self.trial} | {
-            "data": "data.root", "positive": "data.positive", "image_size": "data.image_size", "split": "split.file",
-            "resize_policy": "data.resize_policy"}
+        sources = {k: f"trial.{k}" for k in self.trial} | SWEEP_LEVEL | DATA_LEVEL
         _validate(base, sources)
         hashes: dict[str, int] = {}
         for i, entry in enumerate(self.trials):
