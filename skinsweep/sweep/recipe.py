@@ -411,9 +411,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *,
 
     Args:
         path: the YAML file.
-        overrides: ``key.path=value`` strings (``--set``); the value is YAML (``50``, ``/x``,
-            ``[0.8, 0.1, 0.1]``, ``{finetune: 1, linear_probe: 0}``); list items by index
-            (``trials[0].lr`` or ``trials.0.lr``).
+        overrides: ``key.path=value`` strings (``--set``; see :func:`skinsweep.config.apply_override`).
         base_dir: folder that relative local paths (``data.root``, ``split.file``, ``storage``,
             ``weights`` files) are resolved against; default the working directory. Resolving at load
             keeps them valid on Ray workers, which run in their own folders.
