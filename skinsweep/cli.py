@@ -56,15 +56,11 @@ FormatOpt = typer.Option("auto", "--format", help="Dataset layout: auto, isic, h
 WorkersOpt = typer.Option(None, "--workers", help="Worker processes (default: all cores).")
 
 
-def _positive(text: str) -> list[str]:
-    return [p for p in text.split(",") if p.strip()]
-
-
 def _index(root: Path, positive: str, skip_bad: bool, fmt: str, workers: Optional[int]):
     from skinsweep.data.index import load_index
 
-    index = load_index(root, fmt=fmt, positive=_positive(positive), skip_bad=skip_bad, workers=workers,
-                       progress=True)
+    index = load_index(root, fmt=fmt, positive=[p for p in positive.split(",") if p.strip()], skip_bad=skip_bad,
+                       workers=workers, progress=True)
     if index.bad:
         err.print(f"[yellow]warning:[/] dropped {len(index.bad)} images (--skip-bad): "
                   + "; ".join(f"{b['image_id']} ({b['reason']})" for b in index.bad[:5])
@@ -72,10 +68,17 @@ def _index(root: Path, positive: str, skip_bad: bool, fmt: str, workers: Optiona
     return index
 
 
+def _table(title: Optional[str], first: str, *numbers: str) -> Table:
+    """A table whose first column is a left-aligned label and the rest right-aligned numbers."""
+    t = Table(title=title)
+    t.add_column(first)
+    for c in numbers:
+        t.add_column(c, justify="right")
+    return t
+
+
 def _split_table(summary) -> Table:
-    t = Table(title=None)
-    for c in ("split", "images", "melanoma", "prevalence", "lesions"):
-        t.add_column(c, justify="left" if c == "split" else "right")
+    t = _table(None, "split", "images", "melanoma", "prevalence", "lesions")
     for name, r in summary.iterrows():
         t.add_row(name, f"{int(r['images']):,}", f"{int(r['melanoma']):,}", f"{100 * r['prevalence']:.1f}%",
                   "-" if r["lesions"] is None or r["lesions"] != r["lesions"] else f"{int(r['lesions']):,}")
@@ -180,9 +183,7 @@ def data_inspect(
     total_l = f", {r.n_lesions:,} lesions" if r.n_lesions is not None else ", no lesion ids"
     out.print(f"[bold]{index.root}[/] ({index.fmt}): {r.n_images:,} images{total_l}; "
               f"{r.n_melanoma:,} melanomas ({100 * r.n_melanoma / r.n_images:.1f}%){lesions}")
-    t = Table(title="images per diagnosis and split")
-    for c in ("dx", "label", "train", "val", "test", "all"):
-        t.add_column(c, justify="left" if c == "dx" else "right")
+    t = _table("images per diagnosis and split", "dx", "label", "train", "val", "test", "all")
     for dx, row in r.classes.iterrows():
         t.add_row(str(dx), str(row["label"]), *(f"{row[c]:,}" for c in ("train", "val", "test", "all")))
     out.print(t)
@@ -259,11 +260,8 @@ def train(
     out.print(f"trial {res.trial_id}: {res.status}, best epoch {res.best_epoch} of {s['epochs_run']} "
               f"(by val {s['select_metric']}), {s['runtime_s']:.1f} s on {s['device']}"
               + (f", embedding cache {s['embedding_cache']}" if s.get("embedding_cache") else ""))
-    t = Table(title=f"{cfg.backbone} · {cfg.mode} · metrics at the selected epoch (threshold 0.5)")
     cols = ("auc", "ap", "accuracy", "precision", "recall", "specificity", "ece", "brier", "n", "n_pos")
-    t.add_column("split")
-    for c in cols:
-        t.add_column(c, justify="right")
+    t = _table(f"{cfg.backbone} · {cfg.mode} · metrics at the selected epoch (threshold 0.5)", "split", *cols)
     for name in ("val", "test"):
         m = getattr(res, name)
         if m:
@@ -346,12 +344,9 @@ def ensemble_build(
     from skinsweep.metrics import format_ci
 
     rep = build_ensemble(recipe, results, out=out_dir, overrides=set_, bundle=not no_bundle, data=data)
-    t = Table(title=f"ensemble {rep['name']} on test ({rep['n']['test']:,} images, {rep['n']['test_pos']:,} melanoma) — "
-                    "95% bootstrap CIs by lesion")
     metrics = ("auc", "ap", "recall", "specificity", "ece", "brier", "sens_at_spec")
-    t.add_column("model")
-    for c in metrics:
-        t.add_column(c, justify="right")
+    t = _table(f"ensemble {rep['name']} on test ({rep['n']['test']:,} images, {rep['n']['test_pos']:,} melanoma) — "
+               "95% bootstrap CIs by lesion", "model", *metrics)
     for model, m in rep["test"].items():
         t.add_row(escape(model), *(format_ci(m.get(c)) for c in metrics))
     out.print(t)

@@ -154,8 +154,6 @@ def message(err: dict) -> str:
         return msg.removeprefix("Value error, ")
     if kind == "missing":
         return "required field is missing"
-    if kind == "extra_forbidden":
-        return "unknown field"
     value = err.get("input")
     return msg if isinstance(value, (dict, list)) else f"{msg}, got {value!r}"
 

@@ -38,7 +38,6 @@ def dataset_key(root: str | Path) -> str:
     return f"{name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
 
 
-
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path to write to; rename it over ``path`` only on success."""

@@ -22,42 +22,16 @@ import math
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    average_precision_score,
-    brier_score_loss,
-    confusion_matrix,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import average_precision_score, brier_score_loss, confusion_matrix, roc_auc_score, roc_curve
 
 from skinsweep.errors import ConfigError
 
-# Metric names reported once per epoch by a trial (and stored as trials.parquet columns).
-METRIC_KEYS: tuple[str, ...] = (
-    "loss",
-    "auc",
-    "ap",
-    "accuracy",
-    "precision",
-    "recall",
-    "specificity",
-    "ece",
-    "brier",
-)
-
 # Direction of each metric for model selection / the scheduler's ``mode`` ("max" if True).
 HIGHER_IS_BETTER: dict[str, bool] = {
-    "loss": False,
-    "auc": True,
-    "ap": True,
-    "accuracy": True,
-    "precision": True,
-    "recall": True,
-    "specificity": True,
-    "f1": True,
-    "ece": False,
-    "brier": False,
-}
+    "loss": False, "auc": True, "ap": True, "accuracy": True, "precision": True, "recall": True, "specificity": True,
+    "f1": True, "ece": False, "brier": False}
+# Metric names reported once per epoch by a trial (and stored as trials.parquet columns): all but f1.
+METRIC_KEYS: tuple[str, ...] = tuple(k for k in HIGHER_IS_BETTER if k != "f1")
 
 
 def sigmoid(x: Any) -> np.ndarray:
@@ -91,23 +65,17 @@ def _check_inputs(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
     if p.ndim != 1:
         raise ConfigError(f"prob must be 1-D with shape (N,), got shape {p.shape}; flatten it first")
     if y.shape[0] != p.shape[0]:
-        raise ConfigError(
-            f"y_true and prob must have the same length, got {y.shape[0]} and {p.shape[0]}"
-        )
+        raise ConfigError(f"y_true and prob must have the same length, got {y.shape[0]} and {p.shape[0]}")
     if y.shape[0] == 0:
         raise ConfigError("y_true and prob are empty; metrics need at least one image")
     if not np.isin(y, (0, 1)).all():
         bad = np.unique(y[~np.isin(y, (0, 1))])[:5].tolist()
         raise ConfigError(f"y_true must contain only 0 and 1 (1 = melanoma), found {bad}")
     if not np.isfinite(p).all():
-        raise ConfigError(
-            f"prob contains {int((~np.isfinite(p)).sum())} NaN/inf value(s); check the model outputs"
-        )
+        raise ConfigError(f"prob contains {int((~np.isfinite(p)).sum())} NaN/inf value(s); check the model outputs")
     if p.min() < 0.0 or p.max() > 1.0:
-        raise ConfigError(
-            f"prob must lie in [0, 1], found range [{p.min():.4g}, {p.max():.4g}]; "
-            "pass sigmoid(logit), not the logit"
-        )
+        raise ConfigError(f"prob must lie in [0, 1], found range [{p.min():.4g}, {p.max():.4g}]; "
+                          "pass sigmoid(logit), not the logit")
     return y.astype(np.int64), p
 
 
@@ -144,13 +112,7 @@ def expected_calibration_error(y_true: Any, prob: Any, n_bins: int = 15) -> floa
     Note that ``sklearn.calibration.calibration_curve`` puts a probability lying exactly on an
     inner edge into the lower bin instead; the two agree for probabilities off the edges.
 
-    Args:
-        y_true: shape (N,), values in {0, 1}.
-        prob: shape (N,), predicted probability of class 1, in [0, 1].
-        n_bins: number of equal-width bins (>= 1).
-
-    Returns:
-        ECE in [0, 1] (0 = perfectly calibrated on this sample).
+    ``n_bins`` >= 1. Returns ECE in [0, 1] (0 = perfectly calibrated on this sample).
     """
     y, p = _check_inputs(y_true, prob)
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
@@ -165,22 +127,11 @@ def expected_calibration_error(y_true: Any, prob: Any, n_bins: int = 15) -> floa
     return float(np.abs(sum_prob - sum_true).sum() / p.shape[0])
 
 
-def binary_metrics(
-    y_true: Any,
-    prob: Any,
-    *,
-    threshold: float = 0.5,
-    loss: float | None = None,
-    n_bins: int = 15,
-) -> dict[str, float]:
+def binary_metrics(y_true: Any, prob: Any, *, threshold: float = 0.5, loss: float | None = None,
+                   n_bins: int = 15) -> dict[str, float]:
     """All per-split metrics for binary melanoma classification, from one set of predictions.
 
-    Args:
-        y_true: shape (N,), values in {0, 1} (1 = melanoma).
-        prob: shape (N,), predicted melanoma probability in [0, 1].
-        threshold: an image is predicted positive iff ``prob >= threshold``.
-        loss: the split's mean loss, if the caller has it; copied into the result as ``loss``.
-        n_bins: number of bins for ``ece``.
+    ``loss``: the split's mean loss, if the caller has it, copied into the result; ``n_bins``: bins of ``ece``.
 
     Returns:
         ``auc`` (ROC-AUC), ``ap`` (average precision), ``accuracy``, ``precision``, ``recall``
@@ -229,16 +180,8 @@ def _roc(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | 
 
 
 def sensitivity_at_specificity(y_true: Any, prob: Any, spec: float = 0.9) -> float:
-    """Highest sensitivity over thresholds whose specificity is at least ``spec``.
-
-    Args:
-        y_true: shape (N,), values in {0, 1}.
-        prob: shape (N,), predicted melanoma probability in [0, 1].
-        spec: required specificity in [0, 1].
-
-    Returns:
-        Sensitivity in [0, 1]; NaN when ``y_true`` holds only one class.
-    """
+    """Highest sensitivity over thresholds whose specificity is at least ``spec`` (in [0, 1]); NaN when
+    ``y_true`` holds only one class."""
     spec = _check_fraction("spec", spec)
     roc = _roc(y_true, prob)
     if roc is None:
@@ -253,24 +196,15 @@ def sensitivity_at_specificity(y_true: Any, prob: Any, spec: float = 0.9) -> flo
 def threshold_for_sensitivity(y_true: Any, prob: Any, target: float = 0.95) -> float:
     """Highest threshold whose sensitivity (``prob >= threshold`` counted positive) is >= ``target``.
 
-    Used to pick operating points on validation predictions. The highest such threshold gives
-    the best specificity among all thresholds meeting the sensitivity target.
-
-    Args:
-        y_true: shape (N,), values in {0, 1}; needs both classes.
-        prob: shape (N,), predicted melanoma probability in [0, 1].
-        target: required sensitivity in (0, 1].
-
-    Returns:
-        A threshold in [0, 1] (one of the ``prob`` values).
+    Used to pick operating points on validation predictions: the highest such threshold gives the best
+    specificity among all thresholds meeting the sensitivity target (in (0, 1]). ``y_true`` needs both
+    classes. Returns one of the ``prob`` values.
     """
     target = _check_fraction("target", target, allow_zero=False)
     roc = _roc(y_true, prob)
     if roc is None:
-        raise ConfigError(
-            "threshold_for_sensitivity needs both melanoma (1) and non-melanoma (0) images in "
-            "y_true; pick thresholds on a split that contains both"
-        )
+        raise ConfigError("threshold_for_sensitivity needs both melanoma (1) and non-melanoma (0) images in "
+                          "y_true; pick thresholds on a split that contains both")
     _, tpr, thresholds = roc
     # thresholds decrease and tpr increases along the curve, so the first index reaching the
     # target is the highest qualifying threshold. thresholds[0] is +inf with tpr 0 < target.

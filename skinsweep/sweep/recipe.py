@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from skinsweep.config import FieldError, Override, Strict, errors, read_config, validate_config
+from skinsweep.config import FieldError, Strict, errors, read_config, validate_config
 from skinsweep.errors import ConfigError, did_you_mean
-from skinsweep.sweep.space import (DICT_FIELDS, FIXED_FIELDS, SEARCH_FIELDS, SEP, Param, SamplerSpec, SearchSpec,
-                                   Range, field_problem)
-from skinsweep.train.config import TrialConfig
+from skinsweep.sweep.space import (DATA_LEVEL, DICT_FIELDS, FIXED_FIELDS, SEARCH_FIELDS, SEP, SWEEP_LEVEL, Param,
+                                   SamplerSpec, SearchSpec, Range, field_problem)
+from skinsweep.train.config import TrialConfig, parse_config
 
 if TYPE_CHECKING:
     import optuna
@@ -170,9 +170,7 @@ class SweepRecipe(Strict):
             if problem := field_problem(key, FIXED_FIELDS):
                 raise FieldError(f"trial.{key}", problem)
         base = self._base_values(None)
-        sources = {k: f"trial.{k}" for k in self.trial} | {
-            "data": "data.root", "positive": "data.positive", "image_size": "data.image_size", "split": "split.file",
-            "resize_policy": "data.resize_policy"}
+        sources = {k: f"trial.{k}" for k in self.trial} | SWEEP_LEVEL | DATA_LEVEL
         _validate(base, sources)
         hashes: dict[str, int] = {}
         for i, entry in enumerate(self.trials):
@@ -262,11 +260,7 @@ class SweepRecipe(Strict):
         self._check_params(params)
         values = _merge(self._base_values(split_path), params)
         values["device"] = device or ("auto" if self.resources(params)["gpu"] > 0 else "cpu")
-        try:
-            return TrialConfig.model_validate({k: v for k, v in values.items() if v is not None})
-        except ValidationError as e:
-            msgs = "; ".join(f"[{path}] {msg}" for path, msg in errors(e))
-            raise ConfigError(f"sweep {self.name}: invalid trial parameters {params}: {msgs}") from None
+        return parse_config(values, f"sweep {self.name}: invalid trial parameters {params}")
 
     def split_args(self) -> dict[str, Any]:
         """Keyword arguments of ``skinsweep.data.split.get_or_create_split`` for this recipe's manifest."""
@@ -417,9 +411,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *,
 
     Args:
         path: the YAML file.
-        overrides: ``key.path=value`` strings (``--set``); the value is YAML (``50``, ``/x``,
-            ``[0.8, 0.1, 0.1]``, ``{finetune: 1, linear_probe: 0}``); list items by index
-            (``trials[0].lr`` or ``trials.0.lr``).
+        overrides: ``key.path=value`` strings (``--set``; see :func:`skinsweep.config.apply_override`).
         base_dir: folder that relative local paths (``data.root``, ``split.file``, ``storage``,
             ``weights`` files) are resolved against; default the working directory. Resolving at load
             keeps them valid on Ray workers, which run in their own folders.
@@ -429,12 +421,7 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = (), *,
     """
     raw, sets = read_config(path, overrides, what="recipe", examples="sweeps/")
     _resolve_paths(raw, Path(base_dir) if base_dir is not None else Path.cwd())
-    return recipe_from_dict(raw, str(path), sets)
-
-
-def recipe_from_dict(raw: dict[str, Any], source: str = "recipe", sets: Sequence[Override] = ()) -> SweepRecipe:
-    """Validate an already-loaded recipe dict (paths are taken as given); errors as in :func:`load_recipe`."""
-    return validate_config(SweepRecipe, raw, source, sets)
+    return validate_config(SweepRecipe, raw, str(path), sets)
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
@@ -478,4 +465,4 @@ def _flatten_dicts(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["SweepRecipe", "load_recipe", "recipe_from_dict"]
+__all__ = ["SweepRecipe", "load_recipe"]
