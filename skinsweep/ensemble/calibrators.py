@@ -113,7 +113,7 @@ class Calibrator(SkinsweepEstimator):
 
     # subclass hooks
     def _fit(self, z: np.ndarray, y: np.ndarray) -> None:
-        raise NotImplementedError
+        pass
 
     def _predict(self, z: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -127,9 +127,6 @@ class NoCalibration(Calibrator):
 
     def __sklearn_is_fitted__(self) -> bool:  # nothing to fit, usable straight away
         return True
-
-    def _fit(self, z: np.ndarray, y: np.ndarray) -> None:
-        pass
 
     def _predict(self, z: np.ndarray) -> np.ndarray:
         return expit(z)
