@@ -24,12 +24,10 @@ Every combiner has the same API (``fit``, ``predict_logit``, ``fit_crossfit``, `
 uniformly. ``fit`` records the member count, so predicting with a different member set fails
 loudly. Only ``stacking`` accepts ``extra``.
 
-Honest validation scores. A combiner fitted on validation rows scores them too well. ``fit_crossfit``
-returns out-of-fold logits: each row is scored by a copy fitted on the other folds, which are
-grouped by lesion (:func:`skinsweep.ensemble.estimator.crossfit_predict`), so neither the row's own
-label nor its lesion's is used to score it. This protects against the *combiner's* overfitting only: a
-member that itself saw validation labels (e.g. was early-stopped on them) leaks in a way no
-cross-fitting of the combiner can detect.
+Honest validation scores: ``fit_crossfit`` returns out-of-fold logits, each row scored by a copy
+fitted without its lesion (:func:`skinsweep.ensemble.estimator.crossfit_predict`). This protects
+against the *combiner's* overfitting only: a member that itself saw validation labels (e.g. was
+early-stopped on them) leaks in a way no cross-fitting of the combiner can detect.
 """
 
 from __future__ import annotations
