@@ -405,9 +405,8 @@ class Stacking(Combiner):
         scaler = StandardScaler().fit(Z[:, scaled])  # a constant column gets scale 1 (and so coefficient 0)
         mean[scaled], scale[scaled] = scaler.mean_, scaler.scale_
         lr = LogisticRegression(C=C, max_iter=max_iter).fit((Z - mean) / scale, y)
-        coef = lr.coef_[0] / scale
-        self.coef_ = coef
-        self.intercept_ = float(lr.intercept_[0] - coef @ mean)
+        self.coef_ = lr.coef_[0] / scale
+        self.intercept_ = float(lr.intercept_[0] - self.coef_ @ mean)
         self.n_extra_ = 0 if E is None else E.shape[1]
 
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
