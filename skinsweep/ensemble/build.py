@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinsweep.ensemble.recipe import EnsembleRecipe, MembersSpec, load_ensemble_recipe  # noqa: F401
+from skinsweep.ensemble.recipe import MembersSpec, load_ensemble_recipe
 from skinsweep.errors import ConfigError, short_list
 from skinsweep.files import atomic_path, atomic_write_text, json_safe
 from skinsweep.metrics import sigmoid
@@ -218,4 +218,4 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     return report
 
 
-__all__ = ["EnsembleRecipe", "aligned_logits", "build_ensemble", "load_ensemble_recipe", "select_candidates"]
+__all__ = ["aligned_logits", "build_ensemble", "load_ensemble_recipe", "select_candidates"]

@@ -38,11 +38,8 @@ FORMAT = 1
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def export_bundle(folder: str | Path, results, members: list[str], combiner, calibrator, threshold: float,

@@ -13,16 +13,11 @@ deployment::
     json.dumps(cal.to_dict())                           # the bundle stores this, never a pickle
     cal = Calibrator.from_dict(d)                       # any calibrator, fitted, predicts identically
 
-Calibrators follow the scikit-learn estimator contract of :mod:`skinsweep.ensemble.estimator`
-(keyword-only parameters, validation in ``fit``, fitted state in ``attr_``, ``check_is_fitted``
-before predicting, ``clone``-able, one JSON round trip), with one deliberate difference: ``predict_proba`` returns the melanoma probability with shape ``(N,)``,
-not scikit-learn's ``(N, 2)``, because every consumer here wants the positive class only.
-
-Cross-fitting (``fit_crossfit``, :func:`skinsweep.ensemble.estimator.crossfit_predict`, shared with the
-combiners): when the rows a model is fitted on are also the rows it is scored on (validation scores
-of a stacker or calibrator), each row is scored by a model fitted on the other folds. Folds are
-grouped by lesion, so a lesion's other images -- which carry the same label -- never sit on the
-fitting side while it is scored.
+Calibrators follow the estimator contract of :mod:`skinsweep.ensemble.estimator` (keyword-only
+parameters, validation in ``fit``, fitted state in ``attr_``, ``clone``-able, one JSON round trip,
+out-of-fold scores grouped by lesion from ``fit_crossfit``), with one deliberate difference:
+``predict_proba`` returns the melanoma probability with shape ``(N,)``, not scikit-learn's ``(N, 2)``,
+because every consumer here wants the positive class only.
 """
 
 from __future__ import annotations
@@ -113,7 +108,7 @@ class Calibrator(SkinsweepEstimator):
 
     # subclass hooks
     def _fit(self, z: np.ndarray, y: np.ndarray) -> None:
-        raise NotImplementedError
+        pass
 
     def _predict(self, z: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -127,9 +122,6 @@ class NoCalibration(Calibrator):
 
     def __sklearn_is_fitted__(self) -> bool:  # nothing to fit, usable straight away
         return True
-
-    def _fit(self, z: np.ndarray, y: np.ndarray) -> None:
-        pass
 
     def _predict(self, z: np.ndarray) -> np.ndarray:
         return expit(z)

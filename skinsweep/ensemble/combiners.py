@@ -24,12 +24,10 @@ Every combiner has the same API (``fit``, ``predict_logit``, ``fit_crossfit``, `
 uniformly. ``fit`` records the member count, so predicting with a different member set fails
 loudly. Only ``stacking`` accepts ``extra``.
 
-Honest validation scores. A combiner fitted on validation rows scores them too well. ``fit_crossfit``
-returns out-of-fold logits: each row is scored by a copy fitted on the other folds, which are
-grouped by lesion (:func:`skinsweep.ensemble.estimator.crossfit_predict`), so neither the row's own
-label nor its lesion's is used to score it. This protects against the *combiner's* overfitting only: a
-member that itself saw validation labels (e.g. was early-stopped on them) leaks in a way no
-cross-fitting of the combiner can detect.
+Honest validation scores: ``fit_crossfit`` returns out-of-fold logits, each row scored by a copy
+fitted without its lesion (:func:`skinsweep.ensemble.estimator.crossfit_predict`). This protects
+against the *combiner's* overfitting only: a member that itself saw validation labels (e.g. was
+early-stopped on them) leaks in a way no cross-fitting of the combiner can detect.
 """
 
 from __future__ import annotations
@@ -407,9 +405,8 @@ class Stacking(Combiner):
         scaler = StandardScaler().fit(Z[:, scaled])  # a constant column gets scale 1 (and so coefficient 0)
         mean[scaled], scale[scaled] = scaler.mean_, scaler.scale_
         lr = LogisticRegression(C=C, max_iter=max_iter).fit((Z - mean) / scale, y)
-        coef = lr.coef_[0] / scale
-        self.coef_ = coef
-        self.intercept_ = float(lr.intercept_[0] - coef @ mean)
+        self.coef_ = lr.coef_[0] / scale
+        self.intercept_ = float(lr.intercept_[0] - self.coef_ @ mean)
         self.n_extra_ = 0 if E is None else E.shape[1]
 
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:

@@ -143,12 +143,8 @@ def crossfit_folds(
             f"n_splits={n_splits} needs at least {n_splits} {what} of one class, found {n_pos_units} "
             f"melanoma and {n_neg_units} non-melanoma {what}; lower n_splits"
         )
-    if g is None:
-        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(np.zeros(y.shape[0]), y)
-    else:
-        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
-            np.zeros(y.shape[0]), y, g)
-    folds = list(folds)
+    splitter = StratifiedKFold if g is None else StratifiedGroupKFold  # StratifiedKFold ignores groups
+    folds = list(splitter(n_splits=n_splits, shuffle=True, random_state=seed).split(np.zeros(y.shape[0]), y, g))
     for fit_idx, _ in folds:  # mixed-label lesions can still starve a side; say so clearly
         if y[fit_idx].min() == y[fit_idx].max():
             raise ConfigError(f"a cross-fitting fold has only one class; lower n_splits (now {n_splits})")

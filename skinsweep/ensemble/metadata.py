@@ -223,9 +223,7 @@ def join_metadata(table: pd.DataFrame, image_ids: Sequence[str | None]) -> tuple
     True for images that have no row in the table.
     """
     ids = pd.Index([None if i is None else str(i) for i in image_ids])
-    no_row = ~ids.isin(table.index)
-    rows = table.reindex(ids).reset_index(drop=True)
-    return rows, np.asarray(no_row, dtype=bool)
+    return table.reindex(ids).reset_index(drop=True), ~ids.isin(table.index)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,12 +70,6 @@ def _check_probs(y_true: Any, probs: Any) -> tuple[np.ndarray, dict[str, np.ndar
     return y, out
 
 
-def _check_groups(groups: Any, n: int) -> np.ndarray | None:
-    """Return group codes of shape (N,) in 0..G-1, or None for the image bootstrap."""
-    g = check_groups(groups, n)
-    return None if g is None else np.unique(g, return_inverse=True)[1].ravel()
-
-
 def _check_thresholds(threshold: float | dict[str, float], names: list[str]) -> dict[str, float]:
     if isinstance(threshold, dict):
         missing = [m for m in names if m not in threshold]
@@ -204,7 +198,8 @@ def _validate(
     y_true: Any, probs: Any, groups: Any, threshold: Any, n_boot: Any, spec_for_sens: Any,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None, dict[str, float], float]:
     y, ps = _check_probs(y_true, probs)
-    codes = _check_groups(groups, y.shape[0])
+    g = check_groups(groups, y.shape[0])
+    codes = None if g is None else np.unique(g, return_inverse=True)[1].ravel()  # group index 0..G-1
     thr = _check_thresholds(threshold, list(ps))
     spec = _check_fraction("spec_for_sens", spec_for_sens)
     check_int("n_boot", n_boot, 100, "a percentile CI needs at least 100 resamples; use 2000")

@@ -25,8 +25,6 @@ def ensemble_plots(out: Path, y_val: np.ndarray, y_test: np.ndarray, member_prob
                    ens_val_uncal: np.ndarray, cal_val: np.ndarray, cal_test: np.ndarray, threshold: float) -> dict:
     """ROC and PR curves (test, members vs ensemble), reliability before/after calibration (validation,
     out-of-fold), confusion matrix at the chosen threshold (test). Returns {name: file name}."""
-    from sklearn.metrics import confusion_matrix
-
     plt = _plt()
     files = {}
     curves = dict(member_probs_test) | {"ensemble (calibrated)": cal_test}
@@ -50,9 +48,8 @@ def ensemble_plots(out: Path, y_val: np.ndarray, y_test: np.ndarray, member_prob
     ax.set(title="Reliability (validation, out-of-fold)")
     files["reliability"] = _save(fig, out / "reliability.png")
 
-    cm = confusion_matrix(y_test, (cal_test >= threshold).astype(int), labels=[0, 1])
     fig, ax = plt.subplots(figsize=(4, 3.6))
-    _confusion(ax, cm, f"Test at threshold {threshold:.3f}")
+    _confusion(ax, y_test, cal_test >= threshold, f"Test at threshold {threshold:.3f}")
     files["confusion"] = _save(fig, out / "confusion.png")
     return files
 
@@ -231,33 +228,33 @@ def training_curves(out: Path, name: str, h, best_epoch) -> str:
     return _save(fig, out / f"curves_{name}.png")
 
 
-def roc_pr(out: Path, y: np.ndarray, probs: dict[str, np.ndarray], fname: str = "roc_pr.png",
-           split: str = "test") -> str:
-    """ROC and precision-recall curves side by side, AUC / AP in the legends."""
+def roc_pr(out: Path, y: np.ndarray, probs: dict[str, np.ndarray]) -> str:
+    """ROC and precision-recall curves on test side by side, AUC / AP in the legends."""
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.0, 4.0))
     _roc(a1, y, probs)
     _precision_recall(a2, y, probs)
-    a1.set(xlabel="1 − specificity", ylabel="sensitivity", title=f"ROC on {split}")
-    a2.set(title=f"Precision–recall on {split}")
-    return _save(fig, out / fname)
+    a1.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC on test")
+    a2.set(title="Precision–recall on test")
+    return _save(fig, out / "roc_pr.png")
 
 
 def reliability_and_confusion(out: Path, name: str, y: np.ndarray, p: np.ndarray, threshold: float) -> str:
     """Reliability diagram (with ECE) and confusion matrices at 0.5 and at ``threshold``."""
-    from sklearn.metrics import confusion_matrix
-
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.4), gridspec_kw={"width_ratios": [1.25, 1, 1]})
     _reliability(axes[0], y, {"": p})
     axes[0].set(title="Reliability (test)")
     for ax, thr, title in ((axes[1], 0.5, "at 0.5"), (axes[2], threshold, f"at {threshold:.3f} (chosen on val)")):
-        cm = confusion_matrix(y, (p >= thr).astype(int), labels=[0, 1])
-        _confusion(ax, cm, f"Test {title}")
+        _confusion(ax, y, p >= thr, f"Test {title}")
     return _save(fig, out / f"calib_{name}.png")
 
 
-def _confusion(ax, cm: np.ndarray, title: str) -> None:
+def _confusion(ax, y: np.ndarray, flagged: np.ndarray, title: str) -> None:
+    """Confusion matrix of labels ``y`` against ``flagged`` (predicted melanoma), counts in the cells."""
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(y, flagged.astype(int), labels=[0, 1])
     ax.imshow(cm, cmap="Blues")
     ax.grid(False)
     for (i, j), v in np.ndenumerate(cm):
