@@ -224,9 +224,9 @@ def test_noise_metadata_does_not_leak_into_validation_scores(noise, tmp_path):
 
 @pytest.mark.parametrize("section, message", [
     ({"combiner": {"type": "mean_prob", "metadata": ["age"]}},
-     r"\[combiner\] combiner.metadata is only used by combiner.type stacking \(type is mean_prob\)"),
+     r"\[combiner.metadata\] combiner.metadata is only used by combiner.type stacking \(type is mean_prob\)"),
     ({"combiner": {"metadata": ["age", "age"]}}, r"lists a feature twice"),
-    ({"combiner": {"metadata": ["bmi"]}}, r"\[combiner.metadata.0\] Input should be 'age', 'sex' or 'site'"),
+    ({"combiner": {"metadata": ["bmi"]}}, r"\[combiner.metadata\[0\]\] Input should be 'age', 'sex' or 'site'"),
     ({"members": {"rule": "greedy"}, "combiner": {"metadata": ["sex"]}}, r"cannot be used with members.rule greedy"),
 ])
 def test_invalid_metadata_recipes(tmp_path, section, message):
