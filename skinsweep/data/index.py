@@ -192,8 +192,7 @@ def _read_isic(root: Path, skip_bad: bool, bad: list[dict]) -> pd.DataFrame:
 
     meta_path = root / HAM_METADATA
     if meta_path.is_file():
-        meta = _read_ham_metadata(meta_path)
-        meta = meta.rename(columns={"dx": "_meta_dx"})
+        meta = _read_ham_metadata(meta_path).rename(columns={"dx": "_meta_dx"})
         df = df.merge(meta, on="image_id", how="left")
         clash = df[df["_meta_dx"].notna() & (df["_meta_dx"] != df["dx"])]
         if len(clash):
@@ -201,9 +200,8 @@ def _read_isic(root: Path, skip_bad: bool, bad: list[dict]) -> pd.DataFrame:
                             f"{len(clash)} images ({short_list(clash['image_id'])}); fix or remove one of them")
         df = df.drop(columns=["_meta_dx"])
 
-    parts = []
-    for (img_dir, csv_path), g in df.groupby(["_dir", "_csv"], sort=False):
-        parts.append(_attach_paths(g, [Path(img_dir)], Path(csv_path), skip_bad, bad))
+    parts = [_attach_paths(g, [Path(img_dir)], Path(csv_path), skip_bad, bad)
+             for (img_dir, csv_path), g in df.groupby(["_dir", "_csv"], sort=False)]
     return pd.concat(parts, ignore_index=True).drop(columns=["_dir", "_csv"])
 
 
