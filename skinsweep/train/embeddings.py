@@ -51,8 +51,7 @@ def cached_embeddings(
     data, meta = folder / f"{key}.npy", folder / f"{key}.json"
     ids = list(ids)
     if data.is_file() and meta.is_file():
-        stored = json.loads(meta.read_text())["ids"]
-        if stored == ids:
+        if json.loads(meta.read_text())["ids"] == ids:
             return np.load(data, mmap_mode="r"), True
     rows = cache.rows(ids)
     parts = [embed(torch.from_numpy(np.asarray(cache.images[rows[s:s + batch_size]]))).float().cpu().numpy()

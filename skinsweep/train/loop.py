@@ -207,9 +207,8 @@ def run_trial(
         all_ids = ids["train"] + ids["val"] + ids["test"]
         arr, hit = cached_embeddings(key, all_ids, cache, embed, batch_size=cfg.eval_batch_size)
         embedding_cache = "hit" if hit else "miss"
-        bounds = np.cumsum([0, len(ids["train"]), len(ids["val"]), len(ids["test"])])
-        for k, s in enumerate(("train", "val", "test")):
-            feats[s] = torch.from_numpy(np.array(arr[bounds[k]:bounds[k + 1]])).to(device)
+        parts = np.split(arr, np.cumsum([len(ids["train"]), len(ids["val"])]))
+        feats = {s: torch.from_numpy(np.array(p)).to(device) for s, p in zip(("train", "val", "test"), parts)}
 
     # ---- 5. training --------------------------------------------------------------------------
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
