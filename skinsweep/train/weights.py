@@ -29,14 +29,12 @@ def resolve_weights(name: str, weights: str | None, pretrained: bool) -> str:
     """
     if weights is None:
         return "hub" if pretrained else "none"
-    if weights == "none":
-        return weights
-    if weights == "hub":
-        if not pretrained:
-            raise BackboneError(
-                f"backbone {name!r} is a random-init test model without hub weights; "
-                "use weights='none' or weights=PATH to a local file"
-            )
+    if weights == "hub" and not pretrained:
+        raise BackboneError(
+            f"backbone {name!r} is a random-init test model without hub weights; "
+            "use weights='none' or weights=PATH to a local file"
+        )
+    if weights in ("hub", "none"):
         return weights
     if weights.startswith("hub:"):
         raise BackboneError(
