@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -133,9 +134,9 @@ def load_index(
     elif fmt == "ham":
         df = _read_ham(root, skip_bad, bad)
     else:
-        df = _read_csv(root, positive)
+        df = _read_csv(root)
 
-    df = _finish(df, positive, fmt)
+    df = _finish(df, positive)
     if verify:
         df = _verify_images(df, root, skip_bad, bad, workers=workers, progress=progress)
     _check_classes(df, positive, root)
@@ -191,8 +192,7 @@ def _read_isic(root: Path, skip_bad: bool, bad: list[dict]) -> pd.DataFrame:
 
     meta_path = root / HAM_METADATA
     if meta_path.is_file():
-        meta = _read_ham_metadata(meta_path)
-        meta = meta.rename(columns={"dx": "_meta_dx"})
+        meta = _read_ham_metadata(meta_path).rename(columns={"dx": "_meta_dx"})
         df = df.merge(meta, on="image_id", how="left")
         clash = df[df["_meta_dx"].notna() & (df["_meta_dx"] != df["dx"])]
         if len(clash):
@@ -200,9 +200,8 @@ def _read_isic(root: Path, skip_bad: bool, bad: list[dict]) -> pd.DataFrame:
                             f"{len(clash)} images ({short_list(clash['image_id'])}); fix or remove one of them")
         df = df.drop(columns=["_meta_dx"])
 
-    parts = []
-    for (img_dir, csv_path), g in df.groupby(["_dir", "_csv"], sort=False):
-        parts.append(_attach_paths(g, [Path(img_dir)], Path(csv_path), skip_bad, bad))
+    parts = [_attach_paths(g, [Path(img_dir)], Path(csv_path), skip_bad, bad)
+             for (img_dir, csv_path), g in df.groupby(["_dir", "_csv"], sort=False)]
     return pd.concat(parts, ignore_index=True).drop(columns=["_dir", "_csv"])
 
 
@@ -217,7 +216,7 @@ def _read_ham(root: Path, skip_bad: bool, bad: list[dict]) -> pd.DataFrame:
     return _attach_paths(df.assign(source_split="train"), dirs, meta_path, skip_bad, bad)
 
 
-def _read_csv(csv_path: Path, positive: tuple[str, ...]) -> pd.DataFrame:
+def _read_csv(csv_path: Path) -> pd.DataFrame:
     df = _read_csv_file(csv_path)
     _check_columns(df, csv_path, CSV_REQUIRED, CSV_OPTIONAL)
     if "label" not in df.columns and "dx" not in df.columns:
@@ -300,10 +299,7 @@ def _read_ham_metadata(path: Path) -> pd.DataFrame:
     if unknown:
         raise DataError(f"{path.name}: unknown diagnoses {unknown} in column dx; expected {', '.join(ISIC_CLASSES)}")
     meta = meta.rename(columns={"localization": "site"})
-    for c in ("dx_type", "age", "sex", "site"):
-        if c not in meta.columns:
-            meta[c] = None
-    return meta[["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "site"]]
+    return meta.reindex(columns=["image_id", "lesion_id", "dx", "dx_type", "age", "sex", "site"])
 
 
 def _attach_paths(df: pd.DataFrame, dirs: list[Path], listing: Path, skip_bad: bool,
@@ -315,10 +311,9 @@ def _attach_paths(df: pd.DataFrame, dirs: list[Path], listing: Path, skip_bad: b
             # Release folders also hold LICENSE.txt / ATTRIBUTION.txt: only image files count.
             if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 on_disk.setdefault(os.path.splitext(entry.name)[0], Path(entry.path))
-    listed = set(df["image_id"])
     where = " / ".join(d.name + "/" for d in dirs)
     missing = [i for i in df["image_id"] if i not in on_disk]
-    unlisted = sorted(set(on_disk) - listed)
+    unlisted = sorted(set(on_disk) - set(df["image_id"]))
     if missing and not skip_bad:
         raise DataError(f"{len(missing)} images listed in {listing.name} are missing from {where} "
                         f"({short_list(missing)}); restore them, or pass --skip-bad to drop them")
@@ -332,21 +327,20 @@ def _attach_paths(df: pd.DataFrame, dirs: list[Path], listing: Path, skip_bad: b
     return df
 
 
-def _finish(df: pd.DataFrame, positive: tuple[str, ...], fmt: str) -> pd.DataFrame:
-    """Fill optional columns, derive labels from diagnoses, fix dtypes and order."""
+def _finish(df: pd.DataFrame, positive: tuple[str, ...]) -> pd.DataFrame:
+    """Fill optional columns, derive labels from diagnoses (unless a CSV gave them), fix dtypes and order."""
     for c in INDEX_COLUMNS:
         if c not in df.columns:
             df[c] = None
     df["dx"] = df["dx"].astype("string").str.strip().str.upper()
-    if fmt != "csv" or df["label"].isna().all():
+    if df["label"].isna().all():  # only a CSV has a label column
         df["label"] = df["dx"].isin(positive).astype(int)
     df["label"] = df["label"].astype(int)
     df["age"] = pd.to_numeric(df["age"], errors="coerce")
     for c in ("image_id", "path", "lesion_id", "sex", "site", "dx_type", "source_split"):
         df[c] = df[c].astype("string")
     for c in ("width", "height"):  # filled by the image check; all-missing until then
-        if df[c].isna().all():
-            df[c] = pd.array([pd.NA] * len(df), dtype="Int64")
+        df[c] = pd.array([pd.NA] * len(df), dtype="Int64")
     return df[list(INDEX_COLUMNS)].sort_values("image_id", kind="stable").reset_index(drop=True)
 
 
@@ -394,17 +388,13 @@ def map_chunks(fn, items: list, *, workers: int | None, progress: bool, label: s
 
     workers = workers or os.cpu_count() or 1
     chunks = [items[s:s + chunk] for s in range(0, len(items), chunk)]
-    with Progress(transient=True, disable=not progress) as bar:
+    serial = workers <= 1 or len(items) <= 2 * chunk
+    with (Progress(transient=True, disable=not progress) as bar,
+          nullcontext() if serial else ProcessPoolExecutor(max_workers=workers) as ex):
         task = bar.add_task(label, total=len(items))
-        if workers <= 1 or len(items) <= 2 * chunk:
-            for c in chunks:
-                yield fn(c)
-                bar.advance(task, len(c))
-            return
-        with ProcessPoolExecutor(max_workers=workers) as ex:
-            for c, res in zip(chunks, ex.map(fn, chunks)):
-                yield res
-                bar.advance(task, len(c))
+        for c, res in zip(chunks, map(fn, chunks) if serial else ex.map(fn, chunks)):
+            yield res
+            bar.advance(task, len(c))
 
 
 def _verify_images(df: pd.DataFrame, root: Path, skip_bad: bool, bad: list[dict], *, workers: int | None,

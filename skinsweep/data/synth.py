@@ -151,8 +151,8 @@ def synthesize(out: str | Path, n: int | None = None, *, seed: int = 0,
     (out / MARKER).write_text(json.dumps({"complete": False, **args}, indent=1) + "\n")
     _write_labels(out, rows, official)
 
-    tasks = [(str(_image_path(out, r)), r.dx, seed, r.key, r.view, width, height, quality)
-             for r in rows]
+    tasks = [(str(out / f"ISIC2018_Task3_{SPLIT_DIRS[r.split]}_Input" / f"{r.image_id}.jpg"), r.dx, seed,
+              r.key, r.view, width, height, quality) for r in rows]
     t0 = time.perf_counter()
     _run_tasks(tasks, workers, progress)
     seconds = time.perf_counter() - t0
@@ -352,10 +352,6 @@ def _prepare_out(out: Path) -> None:
         for p in entries:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _image_path(out: Path, r: _Row) -> Path:
-    return out / f"ISIC2018_Task3_{SPLIT_DIRS[r.split]}_Input" / f"{r.image_id}.jpg"
 
 
 def _write_labels(out: Path, rows: list[_Row], official: bool) -> None:

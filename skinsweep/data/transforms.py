@@ -354,10 +354,7 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     loop takes ~700 ms with 2 threads and ~11 ms with 1 (~12 ms with 2 on idle cores).
     """
     n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 if device.type == "cpu" else n)
     try:
         yield
     finally:
@@ -377,10 +374,8 @@ class TrainTransform(nn.Module):
 
     uint8 (B, H, W, 3) or float (0..1) -> float32 (B, 3, S, S). Each sample gets its own
     RandomResizedCrop box (bilinear, as torchvision's default), flip and jitter factors, drawn
-    from ``generator`` (a CPU ``torch.Generator``; ``None`` uses torch's global RNG).
-    ColorJitter is applied as one per-sample affine map ``b * (c * (s * x + (1 - s) * gray) + (1 - c)
-    * mean(gray))`` with a single clip to [0, 1]: brightness, contrast and saturation are linear and
-    commute, so this equals torchvision's shuffled sequence except at pixels that saturate mid-way.
+    from ``generator`` (a CPU ``torch.Generator``; ``None`` uses torch's global RNG). ColorJitter
+    is one per-sample affine map with a single clip (``_jitter``).
     """
 
     def __init__(self, cfg: DataConfig, *, scale: tuple[float, float] = (0.08, 1.0),

@@ -109,13 +109,8 @@ class Backbone:
 Builder = Callable[..., Backbone]
 
 
-@dataclass(frozen=True)
-class _Entry:
-    builder: Builder
-    pretrained: bool  # has hub weights (default weights="hub") or is a random-init test model
-
-
-_REGISTRY: dict[str, _Entry] = {}
+# name -> (builder, pretrained: has hub weights (default weights="hub") or is a random-init test model)
+_REGISTRY: dict[str, tuple[Builder, bool]] = {}
 
 
 def register_backbone(name: str, *, pretrained: bool = True) -> Callable[[Builder], Builder]:
@@ -128,7 +123,7 @@ def register_backbone(name: str, *, pretrained: bool = True) -> Callable[[Builde
     def decorator(builder: Builder) -> Builder:
         if name in _REGISTRY or ":" in name:
             raise ValueError(f"backbone name {name!r} is already registered or contains ':'")
-        _REGISTRY[name] = _Entry(builder, pretrained)
+        _REGISTRY[name] = (builder, pretrained)
         return builder
 
     return decorator
@@ -147,7 +142,7 @@ def create_backbone(name: str, *, weights: str | None = None, **overrides: Any) 
     if rest and prefix in _PREFIX_BUILDERS:
         builder, pretrained = _PREFIX_BUILDERS[prefix], True
     elif name in _REGISTRY:
-        builder, pretrained = _REGISTRY[name].builder, _REGISTRY[name].pretrained
+        builder, pretrained = _REGISTRY[name]
     else:
         raise BackboneError(
             f"unknown backbone {name!r}{did_you_mean(name, list_backbones(), n=3, cutoff=0.5, lower=True)}; "
@@ -264,37 +259,26 @@ def _timm_pretrained(name: str, arch: str, weights: str, overrides: dict[str, An
                           source=f"timm/{arch}", data_defaults=data_defaults)
 
 
-@register_backbone("resnet18")
-def resnet18(name: str, *, weights: str, **overrides: Any) -> Backbone:
-    """ResNet-18, torchvision ImageNet weights (the reference study's CNN); 512 features."""
-    return _timm_pretrained(name, "resnet18.tv_in1k", weights, overrides)
+def _timm_builder(arch: str, **model_defaults: Any) -> Builder:
+    """The builder of a registered timm model ``arch.tag`` (``model_defaults``: constructor kwargs)."""
+
+    def build(name: str, *, weights: str, **overrides: Any) -> Backbone:
+        return _timm_pretrained(name, arch, weights, overrides, model_defaults=model_defaults)
+
+    return build
 
 
-@register_backbone("dino_vits16")
-def dino_vits16(name: str, *, weights: str, **overrides: Any) -> Backbone:
-    """DINO ViT-S/16 (self-supervised ImageNet-1k); 384 features. timm's cfg says crop_pct 0.9,
-    but the reference study used a plain bicubic resize to 224, hence crop_pct=1.0."""
-    return _timm_pretrained(name, "vit_small_patch16_224.dino", weights, overrides)
-
-
-@register_backbone("dinov2_vits14")
-def dinov2_vits14(name: str, *, weights: str, **overrides: Any) -> Backbone:
-    """DINOv2 ViT-S/14; 384 features. Built at 224 (16x16 patches) rather than timm's 518, to
-    share the 224 image cache; timm resamples the position embedding when loading hub weights."""
-    return _timm_pretrained(name, "vit_small_patch14_dinov2.lvd142m", weights, overrides,
-                            model_defaults={"img_size": 224})
-
-
-@register_backbone("efficientnet_b0")
-def efficientnet_b0(name: str, *, weights: str, **overrides: Any) -> Backbone:
-    """EfficientNet-B0 (timm RandAugment ImageNet weights); 1280 features."""
-    return _timm_pretrained(name, "efficientnet_b0.ra_in1k", weights, overrides)
-
-
-@register_backbone("convnext_tiny")
-def convnext_tiny(name: str, *, weights: str, **overrides: Any) -> Backbone:
-    """ConvNeXt-T (ImageNet-12k, fine-tuned on 1k); 768 features."""
-    return _timm_pretrained(name, "convnext_tiny.in12k_ft_in1k", weights, overrides)
+# name -> timm arch.tag (features): ResNet-18 with torchvision ImageNet weights, the reference
+# study's CNN (512); DINO ViT-S/16, self-supervised ImageNet-1k (384; timm's cfg says crop_pct 0.9,
+# but the study used a plain bicubic resize to 224, hence _FIT_CACHE); EfficientNet-B0, timm
+# RandAugment ImageNet weights (1280); ConvNeXt-T, ImageNet-12k fine-tuned on 1k (768).
+for _name, _arch in {"resnet18": "resnet18.tv_in1k", "dino_vits16": "vit_small_patch16_224.dino",
+                     "efficientnet_b0": "efficientnet_b0.ra_in1k",
+                     "convnext_tiny": "convnext_tiny.in12k_ft_in1k"}.items():
+    register_backbone(_name)(_timm_builder(_arch))
+# DINOv2 ViT-S/14 (384): built at 224 (16x16 patches) rather than timm's 518, to share the 224 image
+# cache; timm resamples the position embedding when loading hub weights.
+register_backbone("dinov2_vits14")(_timm_builder("vit_small_patch14_dinov2.lvd142m", img_size=224))
 
 
 def _timm_prefixed(name: str, *, weights: str, **overrides: Any) -> Backbone:

@@ -51,13 +51,11 @@ def cached_embeddings(
     data, meta = folder / f"{key}.npy", folder / f"{key}.json"
     ids = list(ids)
     if data.is_file() and meta.is_file():
-        stored = json.loads(meta.read_text())["ids"]
-        if stored == ids:
+        if json.loads(meta.read_text())["ids"] == ids:
             return np.load(data, mmap_mode="r"), True
     rows = cache.rows(ids)
-    parts = []
-    for s in range(0, len(rows), batch_size):
-        parts.append(embed(torch.from_numpy(np.asarray(cache.images[rows[s:s + batch_size]]))).float().cpu().numpy())
+    parts = [embed(torch.from_numpy(np.asarray(cache.images[rows[s:s + batch_size]]))).float().cpu().numpy()
+             for s in range(0, len(rows), batch_size)]
     feats = np.concatenate(parts).astype(np.float32)
     try:
         with atomic_path(data) as tmp:

@@ -97,10 +97,6 @@ def versions() -> dict[str, str]:
             "open_clip": open_clip.__version__, "python": platform.python_version()}
 
 
-def _trial_id(cfg: TrialConfig) -> str:
-    return f"{cfg.backbone}-{cfg.mode}-{cfg.hash[:8]}"
-
-
 # --------------------------------------------------------------------------------------------------
 # The trial
 # --------------------------------------------------------------------------------------------------
@@ -138,7 +134,7 @@ def run_trial(
 
     t0 = time.perf_counter()
     cfg = config
-    trial_id = trial_id or _trial_id(cfg)
+    trial_id = trial_id or f"{cfg.backbone}-{cfg.mode}-{cfg.hash[:8]}"
     out = Path(out_dir)
 
     # ---- 1. output folder ---------------------------------------------------------------------
@@ -191,8 +187,7 @@ def run_trial(
     t_eval = eval_transform(backbone.data_config).to(device)
 
     def to_input(batch: np.ndarray, transform, g=None) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(batch)).to(device, non_blocking=True)
-        x = transform(x, g) if g is not None else transform(x)
+        x = transform(torch.from_numpy(np.asarray(batch)).to(device, non_blocking=True), g)
         return x.contiguous(memory_format=torch.channels_last) if cuda and backbone.family == "cnn" else x
 
     # ---- 4. probe features (linear probe only) ------------------------------------------------
@@ -212,9 +207,8 @@ def run_trial(
         all_ids = ids["train"] + ids["val"] + ids["test"]
         arr, hit = cached_embeddings(key, all_ids, cache, embed, batch_size=cfg.eval_batch_size)
         embedding_cache = "hit" if hit else "miss"
-        bounds = np.cumsum([0, len(ids["train"]), len(ids["val"]), len(ids["test"])])
-        for k, s in enumerate(("train", "val", "test")):
-            feats[s] = torch.from_numpy(np.array(arr[bounds[k]:bounds[k + 1]])).to(device)
+        parts = np.split(arr, np.cumsum([len(ids["train"]), len(ids["val"])]))
+        feats = {s: torch.from_numpy(np.array(p)).to(device) for s, p in zip(("train", "val", "test"), parts)}
 
     # ---- 5. training --------------------------------------------------------------------------
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -223,19 +217,20 @@ def run_trial(
     steps_per_epoch = math.ceil(len(rows["train"]) / cfg.batch_size)
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
 
+    def forward(split: str, sel: np.ndarray, transform, g=None) -> torch.Tensor:
+        """Logits of the ``split`` images at positions ``sel``: from probe features or from pixels."""
+        with autocast():
+            if probe_on_feats:
+                return model.head_forward(feats[split][torch.from_numpy(sel).to(device)])
+            return model(to_input(cache.images[rows[split][sel]], transform, g))
+
     @torch.no_grad()
     def predict(split: str) -> np.ndarray:
         """Logits (N,) of ``split`` in manifest order."""
         model.eval()
-        out_logits = []
         n = len(rows[split])
-        for s in range(0, n, cfg.eval_batch_size):
-            with autocast():
-                if probe_on_feats:
-                    logit = model.head_forward(feats[split][s:s + cfg.eval_batch_size])
-                else:
-                    logit = model(to_input(cache.images[rows[split][s:s + cfg.eval_batch_size]], t_eval))
-            out_logits.append(logit.float().cpu())
+        out_logits = [forward(split, np.arange(s, min(s + cfg.eval_batch_size, n)), t_eval).float().cpu()
+                      for s in range(0, n, cfg.eval_batch_size)]
         return torch.cat(out_logits).numpy() if out_logits else np.zeros(0, np.float32)
 
     def split_loss(logits: np.ndarray, split: str) -> float:
@@ -258,12 +253,7 @@ def run_trial(
                 for g, base in zip(opt.param_groups, base_lrs):
                     g["lr"] = base * lr_factor(step, total_steps, warmup_steps, cfg.schedule)
                 yb = torch.from_numpy(y["train"][sel]).to(device)
-                with autocast():
-                    if probe_on_feats:
-                        logits = model.head_forward(feats["train"][torch.from_numpy(sel).to(device)])
-                    else:
-                        logits = model(to_input(cache.images[rows["train"][sel]], t_train, gen))
-                loss = loss_fn(logits.float(), yb, cfg)
+                loss = loss_fn(forward("train", sel, t_train, gen).float(), yb, cfg)
                 if not torch.isfinite(loss):
                     status = "diverged"
                     break

@@ -7,7 +7,6 @@ Heads follow the reference study: a linear layer for ResNet-18 and DINO, a small
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from skinsweep.errors import ConfigError
@@ -60,6 +59,5 @@ def param_groups(model: Classifier, lr: float, backbone_lr_mult: float, weight_d
     return groups
 
 
-@torch.no_grad()
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

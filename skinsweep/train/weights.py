@@ -1,11 +1,4 @@
-"""Where a backbone's weights come from: the model hub, or a local file (see ``skinsweep.train.backbones``).
-
-* :func:`resolve_weights` turns ``weights=None | "hub" | "none" | PATH`` into the recorded value;
-* :func:`hub_download` wraps a hub download so that a failure is one ``BackboneError`` line;
-* :func:`load_weights_file` loads a ``.safetensors`` / torch state dict into a model strictly, after
-  finding the key prefix (``model.``, ``visual.`` ...) under which it fits;
-* :func:`save_backbone_weights` writes a backbone's weights with its spec in the metadata.
-"""
+"""Where a backbone's weights come from: the model hub, or a local file (see ``skinsweep.train.backbones``)."""
 
 from __future__ import annotations
 
@@ -36,14 +29,12 @@ def resolve_weights(name: str, weights: str | None, pretrained: bool) -> str:
     """
     if weights is None:
         return "hub" if pretrained else "none"
-    if weights == "none":
-        return weights
-    if weights == "hub":
-        if not pretrained:
-            raise BackboneError(
-                f"backbone {name!r} is a random-init test model without hub weights; "
-                "use weights='none' or weights=PATH to a local file"
-            )
+    if weights == "hub" and not pretrained:
+        raise BackboneError(
+            f"backbone {name!r} is a random-init test model without hub weights; "
+            "use weights='none' or weights=PATH to a local file"
+        )
+    if weights in ("hub", "none"):
         return weights
     if weights.startswith("hub:"):
         raise BackboneError(
@@ -110,7 +101,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_weights_file(model: nn.Module, path: str, *, name: str, drop: tuple[str, ...] = ()) -> None:
-    """Load ``path`` into ``model`` strictly, after finding the key prefix (see module docstring).
+    """Load ``path`` into ``model`` strictly, under the key prefix (``model.``, ``visual.`` ...) where it fits.
 
     ``drop``: key prefixes (e.g. timm's classifier ``"fc."``) whose tensors may be in the file but
     not in the feature extractor.
