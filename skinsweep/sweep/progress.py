@@ -73,7 +73,7 @@ class SweepProgress:
 
     def __exit__(self, *exc) -> None:
         if self._live is not None:
-            self._live.update(self.render(), refresh=True)
+            self._refresh()
             self._live.stop()
             self._live = None
 
