@@ -6,6 +6,7 @@ pushdown, and speaks plain SQL, which is what ``--where`` filters and ad-hoc joi
 
 from __future__ import annotations
 
+import itertools
 import re
 from functools import cached_property
 from pathlib import Path
@@ -70,8 +71,6 @@ def _sweep_dir(path: str | Path) -> Path:
     return p
 
 
-
-
 def _duckdb_views(path: Path, *, predictions: bool):
     """A DuckDB connection with views ``trials`` (and ``predictions``) over the sweep's Parquet."""
     import duckdb
@@ -97,13 +96,8 @@ def _sql_str(value: Any) -> str:
 
 def _duckdb_message(e: Exception) -> str:
     """DuckDB's message in one line (it spans several, with a caret diagram after 'LINE n:')."""
-    lines = []
-    for ln in str(e).splitlines():
-        if ln.startswith("LINE "):
-            break
-        if ln.strip():
-            lines.append(ln.strip())
-    return " ".join(lines) or type(e).__name__
+    lines = itertools.takewhile(lambda ln: not ln.startswith("LINE "), str(e).splitlines())
+    return " ".join(ln.strip() for ln in lines if ln.strip()) or type(e).__name__
 
 
 def query(path: str | Path, sql: str) -> pd.DataFrame:

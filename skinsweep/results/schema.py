@@ -137,13 +137,12 @@ def trial_row(summary: dict, status: str | None, extra: dict) -> pa.Table:
         row[col] = value
         params.append(col)
 
-    metrics = {"val": summary.get("val") or {}, "test": summary.get("test") or {}}
     base = {
         "best_epoch": summary.get("best_epoch"),
         "epochs_run": summary.get("epochs_run"),
-        **{f"{s}_{m}": metrics[s].get(m) for s in SPLITS for m in METRICS},
-        # metrics a later skinsweep adds still get their columns
-        **{f"{s}_{m}": v for s in SPLITS for m, v in metrics[s].items() if m not in METRICS},
+        **{f"{s}_{m}": None for s in SPLITS for m in METRICS},
+        # the summary's metrics, including those a later skinsweep adds (they get columns of their own)
+        **{f"{s}_{m}": v for s in SPLITS for m, v in (summary.get(s) or {}).items()},
         **{k: summary.get(k) for k in ("runtime_s", "split_hash", "recipe_hash", "config_hash", "dataset_hash",
                                        "n_params", "n_trainable")},
         **{f"{k}_used": summary.get(k) for k in ("device", "head", "augment")},
