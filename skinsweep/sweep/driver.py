@@ -92,8 +92,7 @@ class SweepDriver:
         value = row[self.metric].iloc[0] if len(row) and self.metric in row else None
         epochs = row["epochs_run"].iloc[0] if len(row) else None
         self.sync()
-        self.progress.finished(trial.trial_id, status, value,
-                               epoch=None if epochs is None or epochs != epochs else int(epochs))
+        self.progress.finished(trial.trial_id, status, value, epoch=epochs)  # it skips a null (NaN) epoch
 
     def sync(self, *, final: bool = False) -> None:
         """Mirror the store to object-store storage. During the sweep a failure is a warning (the next

@@ -263,9 +263,7 @@ def _prepare_store(recipe, *, resume: bool, results_dir, console) -> _Place:
                           "(a new folder) or remove it")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=out_dir).close()  # a file can be created (and is deleted)
     except OSError as e:
         fix = "--results-dir DIR" if remote is not None else "--set storage=PATH"
         raise ConfigError(f"{'results folder' if remote is not None else 'storage'} {out_dir} is not writable "
