@@ -111,18 +111,16 @@ def query(path: str | Path, sql: str) -> pd.DataFrame:
     import duckdb
 
     p = _sweep_dir(path)
-    con = _duckdb_views(p, predictions=True)
-    try:
-        rel = con.sql(sql)
-        if rel is None:
-            raise ConfigError(f"query on {p}: the SQL returned no table; write a SELECT over trials / predictions")
-        return rel.df()
-    except duckdb.Error as e:
-        raise ConfigError(f"query on {p} failed: {_duckdb_message(e)} (views: trials = one row per trial; "
-                          f"predictions = {', '.join(QUERY_PREDICTION_COLUMNS)}, join trials USING (trial_id) "
-                          "for per-trial columns)") from None
-    finally:
-        con.close()
+    with _duckdb_views(p, predictions=True) as con:
+        try:
+            rel = con.sql(sql)
+            if rel is None:
+                raise ConfigError(f"query on {p}: the SQL returned no table; write a SELECT over trials / predictions")
+            return rel.df()
+        except duckdb.Error as e:
+            raise ConfigError(f"query on {p} failed: {_duckdb_message(e)} (views: trials = one row per trial; "
+                              f"predictions = {', '.join(QUERY_PREDICTION_COLUMNS)}, join trials USING (trial_id) "
+                              "for per-trial columns)") from None
 
 
 def sort_ascending(column: str) -> bool:
@@ -177,13 +175,12 @@ def show(
     sql = (f"SELECT {select} FROM trials" + (f" WHERE ({where})" if where and where.strip() else "")
            + f" ORDER BY {_ident(by)} {'ASC' if asc else 'DESC'} NULLS LAST, trial_id"
            + (f" LIMIT {top}" if top is not None else ""))
-    con = _duckdb_views(p, predictions=False)
-    try:
-        df = con.sql(sql).df()
-    except duckdb.Error as e:
-        raise ConfigError(f"--where {where!r} is not a valid filter on {p / TRIALS}: {_duckdb_message(e)}") from None
-    finally:
-        con.close()
+    with _duckdb_views(p, predictions=False) as con:
+        try:
+            df = con.sql(sql).df()
+        except duckdb.Error as e:
+            raise ConfigError(f"--where {where!r} is not a valid filter on {p / TRIALS}: "
+                              f"{_duckdb_message(e)}") from None
     df.attrs["header"] = header(p)
     return df
 

@@ -289,15 +289,13 @@ def _prediction_table(predictions: pd.DataFrame | str | Path, summary: dict,
     n = table.num_rows
     columns = []
     for field in PREDICTIONS_SCHEMA:
-        if field.name in table.column_names:
-            col = table[field.name]
+        # trial_id: filled in, as its column may hold only this trial's id or null (checked above)
+        if field.name in table.column_names and field.name != "trial_id":
             try:
-                col = pc.cast(col, field.type)
+                col = pc.cast(table[field.name], field.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise DataError(f"{where}: column {field.name} cannot be stored as {field.type} "
                                 f"({first_line(e)}); fix the predictions") from None
-            if field.name == "trial_id":
-                col = pc.fill_null(col, trial_id)
         else:
             col = pa.array([fill.get(field.name)] * n, type=field.type)
         columns.append(col)
