@@ -231,10 +231,8 @@ def _check_id(trial_id: str) -> str:
 
 def _history_table(history: Any, trial_id: str) -> pa.Table | None:
     """A trial's per-epoch records as a table (numeric columns only; ``trial_id`` first), or None."""
-    if not history:
-        return None
     rows = [{k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for rec in history if isinstance(rec, dict) and "epoch" in rec]
+            for rec in history or [] if isinstance(rec, dict) and "epoch" in rec]
     if not rows:
         return None
     # a retried trial reports its epochs again: keep the last attempt's record of each epoch

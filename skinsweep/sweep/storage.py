@@ -139,12 +139,10 @@ def pull(remote: Remote, local: Path) -> int:
     """
     wanted = [*STORE_FILES, TRIALS]
     wanted += [f"{d}/{i.base_name}" for d in PER_TRIAL_DIRS for i in _remote_files(remote, d)]
-    n = 0
-    for rel in wanted:
-        if remote.exists(rel):
-            fetch(remote.fs, remote.join(rel), Path(local) / rel)
-            n += 1
-    return n
+    present = [rel for rel in wanted if remote.exists(rel)]
+    for rel in present:
+        fetch(remote.fs, remote.join(rel), Path(local) / rel)
+    return len(present)
 
 
 def fetch(fs, fs_path: str, dest: Path) -> None:
