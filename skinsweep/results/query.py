@@ -42,12 +42,6 @@ class Results:
         """``sweep.json`` (recipe, hashes) when the sweep wrote one, else ``{}``."""
         return read_json(self.path / SWEEP_JSON)
 
-    def show(self, **kwargs: Any) -> pd.DataFrame:
-        return show(self.path, **kwargs)
-
-    def query(self, sql: str) -> pd.DataFrame:
-        return query(self.path, sql)
-
     def __repr__(self) -> str:
         return f"Results({str(self.path)!r}, {len(self.trials)} trials)"
 
