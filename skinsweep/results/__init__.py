@@ -16,18 +16,8 @@ Only the sweep driver writes (through :class:`ResultsStore`, :mod:`.store`); any
 """
 
 from skinsweep.results.query import DEFAULT_COLUMNS, SWEEP_JSON, Results, header, load, query, show, sort_ascending
-from skinsweep.results.schema import (
-    FORMAT_VERSION,
-    METRICS,
-    PARAM_TYPES,
-    PREDICTIONS_SCHEMA,
-    QUERY_PREDICTION_COLUMNS,
-    SPLITS,
-    STATUSES,
-    TRIAL_COLUMNS,
-    VERSION_KEYS,
-)
-from skinsweep.results.store import HISTORY_DIR, LOCK, PREDICTIONS_DIR, TRIALS, ResultsStore
+from skinsweep.results.schema import METRICS, PARAM_TYPES, PREDICTIONS_SCHEMA, QUERY_PREDICTION_COLUMNS, TRIAL_COLUMNS
+from skinsweep.results.store import HISTORY_DIR, PREDICTIONS_DIR, TRIALS, ResultsStore
 
 __all__ = ["DEFAULT_COLUMNS", "METRICS", "PARAM_TYPES", "PREDICTIONS_SCHEMA", "QUERY_PREDICTION_COLUMNS", "Results",
            "ResultsStore", "TRIAL_COLUMNS", "header", "load", "query", "show", "sort_ascending"]

@@ -6,6 +6,7 @@ pushdown, and speaks plain SQL, which is what ``--where`` filters and ad-hoc joi
 
 from __future__ import annotations
 
+import itertools
 import re
 from functools import cached_property
 from pathlib import Path
@@ -41,12 +42,6 @@ class Results:
         """``sweep.json`` (recipe, hashes) when the sweep wrote one, else ``{}``."""
         return read_json(self.path / SWEEP_JSON)
 
-    def show(self, **kwargs: Any) -> pd.DataFrame:
-        return show(self.path, **kwargs)
-
-    def query(self, sql: str) -> pd.DataFrame:
-        return query(self.path, sql)
-
     def __repr__(self) -> str:
         return f"Results({str(self.path)!r}, {len(self.trials)} trials)"
 
@@ -68,8 +63,6 @@ def _sweep_dir(path: str | Path) -> Path:
                 else "pass the folder a sweep wrote (results/<sweep>), or run `skinsweep sweep` first")
         raise DataError(f"{p} is not a skinsweep sweep folder (no {TRIALS}); {hint}")
     return p
-
-
 
 
 def _duckdb_views(path: Path, *, predictions: bool):
@@ -97,13 +90,8 @@ def _sql_str(value: Any) -> str:
 
 def _duckdb_message(e: Exception) -> str:
     """DuckDB's message in one line (it spans several, with a caret diagram after 'LINE n:')."""
-    lines = []
-    for ln in str(e).splitlines():
-        if ln.startswith("LINE "):
-            break
-        if ln.strip():
-            lines.append(ln.strip())
-    return " ".join(lines) or type(e).__name__
+    lines = itertools.takewhile(lambda ln: not ln.startswith("LINE "), str(e).splitlines())
+    return " ".join(ln.strip() for ln in lines if ln.strip()) or type(e).__name__
 
 
 def query(path: str | Path, sql: str) -> pd.DataFrame:
@@ -117,18 +105,16 @@ def query(path: str | Path, sql: str) -> pd.DataFrame:
     import duckdb
 
     p = _sweep_dir(path)
-    con = _duckdb_views(p, predictions=True)
-    try:
-        rel = con.sql(sql)
-        if rel is None:
-            raise ConfigError(f"query on {p}: the SQL returned no table; write a SELECT over trials / predictions")
-        return rel.df()
-    except duckdb.Error as e:
-        raise ConfigError(f"query on {p} failed: {_duckdb_message(e)} (views: trials = one row per trial; "
-                          f"predictions = {', '.join(QUERY_PREDICTION_COLUMNS)}, join trials USING (trial_id) "
-                          "for per-trial columns)") from None
-    finally:
-        con.close()
+    with _duckdb_views(p, predictions=True) as con:
+        try:
+            rel = con.sql(sql)
+            if rel is None:
+                raise ConfigError(f"query on {p}: the SQL returned no table; write a SELECT over trials / predictions")
+            return rel.df()
+        except duckdb.Error as e:
+            raise ConfigError(f"query on {p} failed: {_duckdb_message(e)} (views: trials = one row per trial; "
+                              f"predictions = {', '.join(QUERY_PREDICTION_COLUMNS)}, join trials USING (trial_id) "
+                              "for per-trial columns)") from None
 
 
 def sort_ascending(column: str) -> bool:
@@ -183,13 +169,12 @@ def show(
     sql = (f"SELECT {select} FROM trials" + (f" WHERE ({where})" if where and where.strip() else "")
            + f" ORDER BY {_ident(by)} {'ASC' if asc else 'DESC'} NULLS LAST, trial_id"
            + (f" LIMIT {top}" if top is not None else ""))
-    con = _duckdb_views(p, predictions=False)
-    try:
-        df = con.sql(sql).df()
-    except duckdb.Error as e:
-        raise ConfigError(f"--where {where!r} is not a valid filter on {p / TRIALS}: {_duckdb_message(e)}") from None
-    finally:
-        con.close()
+    with _duckdb_views(p, predictions=False) as con:
+        try:
+            df = con.sql(sql).df()
+        except duckdb.Error as e:
+            raise ConfigError(f"--where {where!r} is not a valid filter on {p / TRIALS}: "
+                              f"{_duckdb_message(e)}") from None
     df.attrs["header"] = header(p)
     return df
 

@@ -35,9 +35,7 @@ VERSION_KEYS: tuple[str, ...] = ("skinsweep", "torch", "timm", "open_clip", "pyt
 _I, _F, _S = pa.int64(), pa.float64(), pa.string()
 _TS = pa.timestamp("us", tz="UTC")
 
-# Columns every trials.parquet has, with fixed types, in order. Hyperparameters (one column per
-# config field) go between "status" and "best_epoch"; extra columns (``extra=`` keys such as
-# pruned_at_epoch, attempts) go after "finished_at".
+# Columns every trials.parquet has, with fixed types, in order (hyperparameters and extras around them: see above).
 TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "trial_id": _S,
     "status": _S,
@@ -123,27 +121,24 @@ def trial_row(summary: dict, status: str | None, extra: dict) -> pa.Table:
 
     # hyperparameters: one column per config field; dicts / lists as JSON text
     config = summary.get("config") or {}
-    resolved = {"head": summary.get("head") if config.get("head") == "auto" else config.get("head")}
+    deciders = config | {"head": summary.get("head") if config.get("head") == "auto" else config.get("head")}
     params: list[str] = []
     for key, value in config.items():
         col = _RENAMED_PARAMS.get(key, key)
         if col in TRIAL_COLUMNS or col in extra or col in QUERY_PREDICTION_COLUMNS:
             col = f"param_{key}"  # never shadow a result column, nor clash in predictions JOIN trials
         rule = _APPLIES_WHEN.get(key)
-        if rule is not None:
-            decider = resolved[rule[0]] if rule[0] in resolved else config.get(rule[0])
-            if decider not in (None, "auto") and decider not in rule[1]:  # unknown → keep the value
-                value = None
+        if rule is not None and deciders.get(rule[0]) not in (None, "auto", *rule[1]):  # unknown → keep the value
+            value = None
         row[col] = value
         params.append(col)
 
-    metrics = {"val": summary.get("val") or {}, "test": summary.get("test") or {}}
     base = {
         "best_epoch": summary.get("best_epoch"),
         "epochs_run": summary.get("epochs_run"),
-        **{f"{s}_{m}": metrics[s].get(m) for s in SPLITS for m in METRICS},
-        # metrics a later skinsweep adds still get their columns
-        **{f"{s}_{m}": v for s in SPLITS for m, v in metrics[s].items() if m not in METRICS},
+        **{f"{s}_{m}": None for s in SPLITS for m in METRICS},
+        # the summary's metrics, including those a later skinsweep adds (they get columns of their own)
+        **{f"{s}_{m}": v for s in SPLITS for m, v in (summary.get(s) or {}).items()},
         **{k: summary.get(k) for k in ("runtime_s", "split_hash", "recipe_hash", "config_hash", "dataset_hash",
                                        "n_params", "n_trainable")},
         **{f"{k}_used": summary.get(k) for k in ("device", "head", "augment")},

@@ -56,9 +56,6 @@ class ResultsStore:
     def predictions_dir(self) -> Path:
         return self.root / PREDICTIONS_DIR
 
-    def predictions_path(self, trial_id: str) -> Path:
-        return self.predictions_dir / f"{_check_id(trial_id)}.parquet"
-
     # ---- writing ----------------------------------------------------------------------------------
 
     def add_trial(
@@ -116,7 +113,7 @@ class ResultsStore:
         self.root.mkdir(parents=True, exist_ok=True)
         with _locked(self.root / LOCK):
             # 1. the per-trial files first (see the module docstring for why this order)
-            for target, content in ((self.predictions_path(trial_id), table),
+            for target, content in ((self.predictions_dir / f"{trial_id}.parquet", table),
                                     (self.root / HISTORY_DIR / f"{trial_id}.parquet", history)):
                 if content is not None:
                     target.parent.mkdir(exist_ok=True)
@@ -168,7 +165,7 @@ class ResultsStore:
         """The trials table (one row per trial); empty with the fixed columns before the first trial."""
         table = self._read_trials_table()
         if table is None:
-            return pa.schema(list(TRIAL_COLUMNS.items())).empty_table().to_pandas()
+            return pa.schema(TRIAL_COLUMNS).empty_table().to_pandas()
         return table.to_pandas()
 
     def prediction_files(self, trial_ids: set[str] | None = None) -> list[Path]:
@@ -218,18 +215,15 @@ def _locked(path: Path) -> Iterator[None]:
     """Exclusive advisory lock (POSIX flock) held for one read-modify-write of the store."""
     import fcntl
 
-    with open(path, "a") as f:
+    with open(path, "a") as f:  # closing the file releases the lock
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 def _check_id(trial_id: str) -> str:
     # The id names a file that pyarrow / DuckDB globs must pick up: no separators, no leading . or _
     # (pyarrow.dataset skips files starting with those).
-    if not isinstance(trial_id, str) or not _SAFE_ID.match(trial_id):
+    if not _SAFE_ID.match(trial_id):
         raise ConfigError(f"trial id {trial_id!r} cannot name a predictions file; use letters, digits and "
                           "_ . = + - (not starting with _ or .)")
     return trial_id
@@ -237,10 +231,8 @@ def _check_id(trial_id: str) -> str:
 
 def _history_table(history: Any, trial_id: str) -> pa.Table | None:
     """A trial's per-epoch records as a table (numeric columns only; ``trial_id`` first), or None."""
-    if not history:
-        return None
     rows = [{k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for rec in history if isinstance(rec, dict) and "epoch" in rec]
+            for rec in history or [] if isinstance(rec, dict) and "epoch" in rec]
     if not rows:
         return None
     # a retried trial reports its epochs again: keep the last attempt's record of each epoch
@@ -295,15 +287,13 @@ def _prediction_table(predictions: pd.DataFrame | str | Path, summary: dict,
     n = table.num_rows
     columns = []
     for field in PREDICTIONS_SCHEMA:
-        if field.name in table.column_names:
-            col = table[field.name]
+        # trial_id: filled in, as its column may hold only this trial's id or null (checked above)
+        if field.name in table.column_names and field.name != "trial_id":
             try:
-                col = pc.cast(col, field.type) if col.type != field.type else col
+                col = pc.cast(table[field.name], field.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                 raise DataError(f"{where}: column {field.name} cannot be stored as {field.type} "
                                 f"({first_line(e)}); fix the predictions") from None
-            if field.name == "trial_id":
-                col = pc.fill_null(col, trial_id)
         else:
             col = pa.array([fill.get(field.name)] * n, type=field.type)
         columns.append(col)

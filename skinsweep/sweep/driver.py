@@ -92,8 +92,7 @@ class SweepDriver:
         value = row[self.metric].iloc[0] if len(row) and self.metric in row else None
         epochs = row["epochs_run"].iloc[0] if len(row) else None
         self.sync()
-        self.progress.finished(trial.trial_id, status, value,
-                               epoch=None if epochs is None or epochs != epochs else int(epochs))
+        self.progress.finished(trial.trial_id, status, value, epoch=epochs)  # it skips a null (NaN) epoch
 
     def sync(self, *, final: bool = False) -> None:
         """Mirror the store to object-store storage. During the sweep a failure is a warning (the next
@@ -134,32 +133,27 @@ def consolidate_trial(store, recipe, trial, split_file: str, remote: Remote | No
     if result.get(FINAL_KEY) and trial.checkpoint is not None:
         return _add_from_checkpoint(store, trial.trial_id, trial.checkpoint,
                                     base_extra | {"attempts": trial.num_failures + 1}, remote)
+    cfg = recipe.trial_config(params, split=split_file)
     if trial.status == "ERROR" or trial.error_file:
-        err = _last_error(trial)
-        cfg = recipe.trial_config(params, split=split_file).model_dump()
-        store.add_failed(trial.trial_id, cfg, err, extra=base_extra | {"attempts": trial.num_failures})
+        store.add_failed(trial.trial_id, cfg.model_dump(), _last_error(trial),
+                         extra=base_extra | {"attempts": trial.num_failures})
         return "failed"
     # Stopped by ASHA before its last epoch: record what it reached, no predictions, no test score.
-    summary = _pruned_summary(recipe, params, trial, result, split_file) | {"history": history or []}
+    val = {k.removeprefix("val_"): v for k, v in result.items() if k.startswith("val_")}
+    summary = {"trial_id": trial.trial_id, "config": cfg.model_dump(), "config_hash": cfg.hash,
+               "epochs_run": result.get(EPOCH_KEY), "val": val, "runtime_s": result.get("time_total_s"),
+               "history": history or []}
     store.add_trial(summary, predictions=None, status="pruned",
                     extra=base_extra | {"pruned_at_epoch": result.get(EPOCH_KEY)})
     return "pruned"
 
 
-def _pruned_summary(recipe, params, trial, result, split_file: str) -> dict:
-    cfg = recipe.trial_config(params, split=split_file)
-    val = {k.removeprefix("val_"): v for k, v in result.items() if k.startswith("val_")}
-    return {"trial_id": trial.trial_id, "status": "pruned", "config": cfg.model_dump(), "config_hash": cfg.hash,
-            "best_epoch": None, "epochs_run": result.get(EPOCH_KEY), "val": val, "test": {},
-            "runtime_s": result.get("time_total_s"), "split_hash": None}
-
-
 def _last_error(trial) -> str:
     try:
-        text = Path(trial.error_file).read_text() if trial.error_file and Path(trial.error_file).exists() else ""
-    except OSError:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:  # the error file is gone or unreadable
         text = ""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1][:500] if lines else "trial failed (no error file)"
 
 

@@ -13,6 +13,7 @@ It knows nothing of Ray: the sweep's Tune callback feeds it events (:meth:`Sweep
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,7 @@ class SweepProgress:
 
     def __exit__(self, *exc) -> None:
         if self._live is not None:
-            self._live.update(self.render(), refresh=True)
+            self._refresh()
             self._live.stop()
             self._live = None
 
@@ -130,17 +131,12 @@ class SweepProgress:
 
     # ---- rendering --------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in STATUS_STYLE}
-        for r in self.rows.values():
-            out[r.status] = out.get(r.status, 0) + 1
-        return out
+        return dict.fromkeys(STATUS_STYLE, 0) | Counter(r.status for r in self.rows.values())
 
     def best_row(self) -> TrialRow | None:
         done = [r for r in self.rows.values() if r.status == "COMPLETED" and r.final is not None]
-        if not done:
-            return None
         pick = max if self.mode == "max" else min
-        return pick(done, key=lambda r: r.final)
+        return pick(done, key=lambda r: r.final, default=None)
 
     def summary(self) -> str:
         """``running 2, completed 3, pruned 1`` + ``; best so far <id> (<backbone>, <mode>) <metric> 0.853``."""

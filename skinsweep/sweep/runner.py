@@ -4,24 +4,14 @@ The only module that imports Ray. One pinned API (Ray ≥ 2.40): ``ray.tune.Tune
 ``RunConfig`` / ``FailureConfig``, ``ray.tune.report(metrics, checkpoint=...)``,
 ``ray.tune.search.optuna.OptunaSearch`` with a define-by-run space, ``ray.tune.schedulers.ASHAScheduler``.
 
-``run_sweep`` reads top to bottom in phases:
-
-1. store    (``_prepare_store``) — where results go (local path, or a local working copy mirrored to an
-   object store such as ``s3://``), checked writable, and holding a sweep to resume exactly when
-   ``--resume`` says so;
-2. split    (``_prepare_split``) — the driver indexes the data and creates the split manifest once (every
-   trial uses the same one, on every node) and records the sweep in ``sweep.json``;
-3. Tune     (``_tuner``) — the trainable, scheduler, searcher and callback wired into a ``Tuner`` (or one
-   restored from storage);
-4. run      (``_run``) — ``Tuner.fit``. Each trial runs :func:`_trainable` on a worker: it calls
-   :func:`skinsweep.train.loop.run_trial` (the same code as ``skinsweep train``), reports validation
-   metrics once per epoch (ASHA acts on them) and hands its artefact folder back as a Ray checkpoint, which
-   Ray copies to ``storage``, so nothing the driver needs lives only on a worker's disk. As trials start,
-   report and end, :class:`_Events` (a Tune callback) tells the :class:`~skinsweep.sweep.driver.SweepDriver`,
-   which draws the progress view and adds each ended trial to the Parquet results store (pruned and failed
-   trials too), so results are queryable while the sweep runs;
-5. reconcile (``_reconcile``) — every finished trial is in the store exactly once (a driver killed between
-   a trial's end and its consolidation loses nothing on ``--resume``).
+``run_sweep`` reads top to bottom in phases, each a function whose docstring says what it does: store
+(``_prepare_store``), split (``_prepare_split``), Tune (``_tuner``), run (``_run``), reconcile (``_reconcile``).
+Each trial runs :func:`_trainable` on a worker: :func:`skinsweep.train.loop.run_trial` (the same code as
+``skinsweep train``), validation metrics reported once per epoch (ASHA acts on them), its artefact folder handed
+back as a Ray checkpoint, which Ray copies to ``storage``, so nothing the driver needs lives only on a worker's
+disk. :class:`_Events` (a Tune callback) tells the :class:`~skinsweep.sweep.driver.SweepDriver` as trials start,
+report and end; it draws the progress view and adds each ended trial (pruned and failed ones too) to the Parquet
+results store, so results are queryable while the sweep runs.
 """
 
 from __future__ import annotations
@@ -41,7 +31,7 @@ from ray import tune  # the only module that imports Ray
 from skinsweep.errors import ConfigError, first_line
 from skinsweep.results import SWEEP_JSON
 from skinsweep.sweep.driver import (EPOCH_KEY, FINAL_KEY, POINT_KEY, SweepDriver, active_driver, add_if_missing,
-                                    consolidate_trial, trial_params)
+                                    trial_params)
 from skinsweep.sweep.storage import CHECKPOINTS_DIR, Remote
 
 
@@ -257,12 +247,11 @@ def _prepare_store(recipe, *, resume: bool, results_dir, console) -> _Place:
             raise ConfigError(f"--results-dir {results_dir}: only for object-store storage (s3://…); with storage "
                               f"{recipe.storage} the results are written to {out_dir} (change it with --set storage=…)")
         state_exists = (out_dir / "tuner.pkl").exists() or any(out_dir.glob("experiment_state*.json"))
-        place = _Place(out_dir, None)
     else:
         out_dir = Path(results_dir if results_dir is not None else Path("results") / recipe.name).resolve()
         check_writable(remote)
         state_exists = remote.exists("tuner.pkl")
-        place = _Place(out_dir, remote)
+    place = _Place(out_dir, remote)
     if resume and not state_exists:
         raise ConfigError(f"--resume: {place.where} is not an interrupted skinsweep sweep (no Ray Tune state); "
                           f"run without --resume to start it")
@@ -274,9 +263,7 @@ def _prepare_store(recipe, *, resume: bool, results_dir, console) -> _Place:
                           "(a new folder) or remove it")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=out_dir).close()  # a file can be created (and is deleted)
     except OSError as e:
         fix = "--results-dir DIR" if remote is not None else "--set storage=PATH"
         raise ConfigError(f"{'results folder' if remote is not None else 'storage'} {out_dir} is not writable "
@@ -447,4 +434,4 @@ def _loopback_only() -> bool:
         return False
 
 
-__all__ = ["SweepOutcome", "consolidate_trial", "run_sweep"]
+__all__ = ["SweepOutcome", "run_sweep"]

@@ -34,10 +34,6 @@ CHECKPOINTS_DIR = "checkpoints"   # local copies of remote checkpoints (what bun
 _MIRRORED = ".mirrored.json"      # {relative path: [size, mtime_ns]} of what the last mirror uploaded
 
 
-def is_uri(storage: str) -> bool:
-    return "://" in str(storage)
-
-
 @dataclass(frozen=True)
 class Remote:
     """A sweep folder ``<storage>/<name>`` in an object store.
@@ -67,7 +63,7 @@ class Remote:
 
 def remote_sweep(storage: str, name: str) -> Remote | None:
     """The object-store folder of sweep ``name``, or None when ``storage`` is a plain path."""
-    if not is_uri(storage):
+    if "://" not in str(storage):
         return None
     import pyarrow as pa
     import pyarrow.fs as pafs
@@ -128,10 +124,8 @@ def mirror(local: Path, remote: Remote) -> int:
                         destination_filesystem=remote.fs)
         uploaded += 1
     for d in PER_TRIAL_DIRS:
-        keep = {Path(r).name for r in files if r.startswith(d + "/")}
-        listing = remote.fs.get_file_info(pafs.FileSelector(remote.join(d), allow_not_found=True))
-        for info in listing:
-            if info.type == pafs.FileType.File and info.base_name not in keep:
+        for info in _remote_files(remote, d):
+            if f"{d}/{info.base_name}" not in now:
                 remote.fs.delete_file(info.path)
     atomic_write_text(local / _MIRRORED, json.dumps(now))
     return uploaded
@@ -143,26 +137,25 @@ def pull(remote: Remote, local: Path) -> int:
     Used by ``--resume`` on a machine without the working copy. Checkpoints are not pulled here: the sweep
     re-fetches each finished trial's checkpoint from Ray's storage. Returns the number of files fetched.
     """
-    import pyarrow.fs as pafs
-
-    local = Path(local)
     wanted = [*STORE_FILES, TRIALS]
-    for d in PER_TRIAL_DIRS:
-        listing = remote.fs.get_file_info(pafs.FileSelector(remote.join(d), allow_not_found=True))
-        wanted += [f"{d}/{i.base_name}" for i in listing if i.type == pafs.FileType.File]
-    n = 0
-    for rel in wanted:
-        if remote.exists(rel):
-            fetch(remote.fs, remote.join(rel), local / rel)
-            n += 1
-    return n
+    wanted += [f"{d}/{i.base_name}" for d in PER_TRIAL_DIRS for i in _remote_files(remote, d)]
+    present = [rel for rel in wanted if remote.exists(rel)]
+    for rel in present:
+        fetch(remote.fs, remote.join(rel), Path(local) / rel)
+    return len(present)
 
 
-def fetch(fs, fs_path: str, dest: Path) -> Path:
+def fetch(fs, fs_path: str, dest: Path) -> None:
     """Copy one file from ``fs`` to the local ``dest``, atomically (a reader never sees half of it)."""
     import pyarrow.fs as pafs
 
-    dest = Path(dest)
     with atomic_path(dest) as tmp:
         pafs.copy_files(fs_path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return dest
+
+
+def _remote_files(remote: Remote, folder: str) -> list:
+    """The files (pyarrow FileInfo) directly in ``folder`` of the remote sweep folder; none when it is missing."""
+    import pyarrow.fs as pafs
+
+    listing = remote.fs.get_file_info(pafs.FileSelector(remote.join(folder), allow_not_found=True))
+    return [i for i in listing if i.type == pafs.FileType.File]
