@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from skinsweep.errors import ConfigError, SkinsweepError
-from skinsweep.report.tables import ReportData, aligned_prob, is_missing, report_data
+from skinsweep.report.tables import MIN_CLASS_FOR_AUC, ReportData, aligned_prob, is_missing, report_data
 
 REPORT_HTML = "index.html"
 IMG = "img"
@@ -209,6 +209,7 @@ def render(data: ReportData, figs: dict) -> str:
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = fmt
     env.globals["cells"] = cells
+    env.globals["min_class_for_auc"] = MIN_CLASS_FOR_AUC
     return env.get_template("report.html.j2").render(
         d=data, figs=figs, img=IMG, tile_width=TILE_WIDTH, versions=versions(),
         generated=f"{dt.datetime.now():%Y-%m-%d %H:%M}")

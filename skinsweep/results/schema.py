@@ -2,7 +2,8 @@
 
 A trials row has, in this order: ``trial_id``, ``status``; one column per config field (the
 hyperparameters), typed as :class:`~skinsweep.train.config.TrialConfig` declares the field; the fixed
-result columns of :data:`TRIAL_COLUMNS`; then any extra columns a caller adds (typed by their values).
+result columns of :data:`TRIAL_COLUMNS`; then any extra columns a caller adds (``pruned_at_epoch`` and ``attempts`` as integers,
+others typed by their values).
 """
 
 from __future__ import annotations
