@@ -103,3 +103,13 @@ def test_rows_are_capped():
         p.add_finished(f"t{k}", "tiny_vit", "finetune", {}, "completed", k / 20)
     table = p.table()
     assert table.row_count == 5 and "+7 earlier trials" in table.caption
+
+
+def test_a_failed_trial_restored_on_resume_shows_no_epoch() -> None:
+    con, buf = console(False)
+    p = SweepProgress(con, name="s", total=2, live=False)
+    p.add_finished("a", "tiny_vit", "finetune", {}, "failed", None, epoch=float("nan"))  # epochs_run of a failed row
+    p.add_finished("b", "tiny_vit", "finetune", {}, "completed", 0.7, epoch=4.0)
+    assert p.rows["a"].epoch is None and p.rows["b"].epoch == 4
+    p.finished("a", "failed", None, epoch=float("nan"))
+    assert "nan" not in buf.getvalue()

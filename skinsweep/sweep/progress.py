@@ -82,7 +82,7 @@ class SweepProgress:
     def add_finished(self, trial_id: str, backbone: str, mode: str, hparams: dict, status: str,
                      value: float | None, epoch: int | None = None) -> None:
         """A trial that ended before this view started (already in the results store on ``--resume``)."""
-        row = TrialRow(trial_id, backbone, mode, hparams, status=status.upper(), epoch=epoch)
+        row = TrialRow(trial_id, backbone, mode, hparams, status=status.upper(), epoch=_epoch(epoch))
         row.final = row.best = _num(value)
         self.rows[trial_id] = row
         self._touch(row)
@@ -120,8 +120,8 @@ class SweepProgress:
         if row is None:  # ended without a start event this session (restored by --resume)
             row = self.rows[trial_id] = TrialRow(trial_id, "?", "?", {})
         row.status, row.final = status.upper(), _num(value)
-        if epoch is not None and epoch == epoch:
-            row.epoch = int(epoch)
+        if _epoch(epoch) is not None:
+            row.epoch = _epoch(epoch)
         if row.final is not None and row.status != "FAILED" and (row.best is None or self._better(row.final, row.best)):
             row.best = row.final
         self._touch(row)
@@ -207,6 +207,12 @@ def _num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def _epoch(v: Any) -> int | None:
+    """An epoch count from the store, or None when there is none (a failed trial's ``epochs_run`` is NaN)."""
+    f = _num(v)
+    return None if f is None else int(f)
 
 
 def _fmt(v: float | None) -> str:
