@@ -279,15 +279,24 @@ def sweep(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep without repeating finished trials."),
     set_: List[str] = typer.Option([], "--set", metavar="NAME=VALUE", help="Override a recipe field, e.g. --set search.num_samples=50 (repeatable)."),
     results_dir: Optional[Path] = typer.Option(None, "--results-dir", help="With s3:// storage: the local copy of the results store (default results/<name>), mirrored to <storage>/<name>/."),
+    budget: Optional[str] = typer.Option(None, "--budget", metavar="DURATION", help="Wall-time budget, e.g. 60m or 8h (= --set search.time_budget=…): no trial starts after it, running trials stop at it; on --resume, the time already used counts."),
 ) -> None:
     """Run a hyperparameter sweep with Ray Tune + Optuna (+ ASHA early stopping); results go to Parquet."""
     from skinsweep.results import show
     from skinsweep.sweep.runner import run_sweep
 
+    if budget is not None:
+        set_ = [*set_, f"search.time_budget={budget}"]
     outcome = run_sweep(recipe, overrides=set_, address=address, resume=resume, console=out, results_dir=results_dir)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.counts.items()))
     out.print(f"sweep finished in {outcome.wall_s / 60:.1f} min: {outcome.n_trials} trials ({counts}) → {outcome.out_dir}"
               + (f" (mirrored to {outcome.storage_uri})" if outcome.storage_uri else ""))
+    if outcome.budget_s:
+        from skinsweep.sweep.space import format_duration
+
+        out.print(f"time budget {format_duration(outcome.budget_s)}: used {format_duration(outcome.budget_used_s)}, "
+                  f"left {format_duration(max(0.0, outcome.budget_s - outcome.budget_used_s))}"
+                  + (" — the budget ended the sweep" if outcome.budget_spent else ""))
     _print_frame(show(outcome.out_dir, top=10), title="best trials by val AUC (test scored once, at the selected epoch)")
     out.print(f"query them: skinsweep results show {outcome.out_dir} --where \"mode = 'finetune'\"  |  "
               f"pandas.read_parquet('{outcome.out_dir}/predictions')")

@@ -103,7 +103,8 @@ def _save(fig, path: Path, tight: bool = True) -> str:
 
 # ----------------------------------------------------------------------------- sweep report plots
 
-_STATUS_STYLE = {"completed": ("o", 1.0), "pruned": ("x", 0.8), "diverged": ("v", 0.8), "failed": ("s", 0.5)}
+_STATUS_STYLE = {"completed": ("o", 1.0), "pruned": ("x", 0.8), "out_of_budget": ("+", 0.8), "diverged": ("v", 0.8),
+                 "failed": ("s", 0.5)}
 _MODE_MARKER = {"finetune": "o", "linear_probe": "^"}
 
 

@@ -23,7 +23,7 @@ from skinsweep.errors import ConfigError
 from skinsweep.train.config import TrialConfig
 
 FORMAT_VERSION = 1
-STATUSES = ("completed", "pruned", "failed", "diverged")
+STATUSES = ("completed", "pruned", "failed", "diverged", "out_of_budget")
 SPLITS = ("val", "test")
 
 # Per-split metrics stored as val_<m> / test_<m>; skinsweep.metrics.binary_metrics returns these keys.

@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from skinsweep.errors import ConfigError, first_line
@@ -23,6 +25,8 @@ FINAL_KEY = "skinsweep_final"  # set only in a trial's last report (with its che
 EPOCH_KEY = "epoch"            # ASHA's time attribute; absent from the final report so ASHA ignores it
 POINT_KEY = "params"           # Tune config key holding one `trials:` entry (explicit recipes)
 
+BUDGET_JSON = "budget.json"    # the sweep's time budget and the time used so far (kept across --resume)
+
 _ACTIVE: list["SweepDriver"] = []  # the driver of the sweep running in this process (see active_driver)
 
 
@@ -31,6 +35,53 @@ def active_driver() -> "SweepDriver":
     if not _ACTIVE:
         raise RuntimeError("skinsweep sweep callback called outside run_sweep")
     return _ACTIVE[-1]
+
+
+@dataclass
+class Budget:
+    """A sweep's wall-time budget: ``budget_s`` in all, ``used_before`` spent by earlier runs (``--resume``),
+    this run started at ``t_start`` (``time.time()``). ``budget_s`` None: no budget."""
+
+    budget_s: float | None
+    used_before: float = 0.0
+    t_start: float = field(default_factory=time.time)
+
+    @classmethod
+    def start(cls, budget_s: float | None, store_root: Path, resume: bool) -> "Budget":
+        """This run's budget: on ``--resume`` the time earlier runs used (``budget.json``) is already spent."""
+        used = 0.0
+        if resume and (store_root / BUDGET_JSON).is_file():
+            try:
+                used = float(json.loads((store_root / BUDGET_JSON).read_text()).get("used_s") or 0.0)
+            except (OSError, ValueError, AttributeError):
+                used = 0.0  # an unreadable record: count from now rather than refuse to resume
+        return cls(budget_s, used)
+
+    @property
+    def deadline(self) -> float | None:
+        """``time.time()`` at which the budget runs out, or None."""
+        return None if self.budget_s is None else self.t_start + self.budget_s - self.used_before
+
+    def used(self) -> float:
+        return self.used_before + time.time() - self.t_start
+
+    def spent(self) -> bool:
+        return self.budget_s is not None and self.used() >= self.budget_s
+
+    def text(self) -> str:
+        """``budget 12m03s of 1h00m00s used, 47m57s left`` ('' without a budget)."""
+        if self.budget_s is None:
+            return ""
+        from skinsweep.sweep.space import format_duration
+
+        used = min(self.used(), self.budget_s)
+        return (f"budget {format_duration(used)} of {format_duration(self.budget_s)} used, "
+                f"{format_duration(self.budget_s - used)} left")
+
+    def save(self, store_root: Path) -> None:
+        from skinsweep.files import atomic_write_text
+
+        atomic_write_text(store_root / BUDGET_JSON, json.dumps({"budget_s": self.budget_s, "used_s": self.used()}))
 
 
 class SweepDriver:
@@ -44,9 +95,12 @@ class SweepDriver:
         remote: object-store storage to mirror the store to after each trial, or None.
     """
 
-    def __init__(self, store, recipe, split_file: str, progress, remote: Remote | None = None) -> None:
+    def __init__(self, store, recipe, split_file: str, progress, remote: Remote | None = None,
+                 budget: Budget | None = None) -> None:
         self.store, self.recipe, self.split_file = store, recipe, split_file
         self.progress, self.remote = progress, remote
+        self.budget = budget or Budget(None)
+        self.started_at: dict[str, float] = {}  # trial id → time.time() of its (first) start
         self.metric = recipe.scheduler.metric
         self.mirror_error: str | None = None
         self.history: dict[str, list[dict]] = {}  # per-epoch results, stored for trials pruned by ASHA
@@ -70,6 +124,7 @@ class SweepDriver:
                                        row.get(self.metric), epoch=row.get("epochs_run"))
 
     def started(self, trial) -> None:
+        self.started_at.setdefault(trial.trial_id, time.time())
         params = trial_params(self.recipe, trial.config)
         cfg = self.recipe.trial_config(params, split=self.split_file)
         hparams = {k: v for k, v in params.items() if k not in ("backbone", "mode")}
@@ -86,7 +141,10 @@ class SweepDriver:
 
     def finished(self, trial) -> None:
         status = consolidate_trial(self.store, self.recipe, trial, self.split_file, remote=self.remote,
-                                   history=self.history.pop(trial.trial_id, None))
+                                   history=self.history.pop(trial.trial_id, None),
+                                   started_at=self.started_at.get(trial.trial_id))
+        if self.budget.budget_s is not None:
+            self.budget.save(self.store.root)
         df = self.store.trials()
         row = df[df["trial_id"] == trial.trial_id]
         value = row[self.metric].iloc[0] if len(row) and self.metric in row else None
@@ -119,17 +177,17 @@ class SweepDriver:
 
 
 def consolidate_trial(store, recipe, trial, split_file: str, remote: Remote | None = None,
-                      history: list[dict] | None = None) -> str:
+                      history: list[dict] | None = None, started_at: float | None = None) -> str:
     """Put one finished Tune trial into the store; returns the status recorded.
 
     ``remote``: the sweep's object-store folder when ``storage`` is one (the trial's checkpoint is then
     copied into the store's ``checkpoints/``, so that bundles can be built from the local store).
     ``history``: the per-epoch results Tune saw, stored for a pruned trial (a completed one has its own
-    in summary.json).
+    in summary.json). ``started_at``: ``time.time()`` when the trial started (the ``started_at`` column).
     """
     result = trial.last_result or {}
     params = trial_params(recipe, trial.config)
-    base_extra = _row_extra(recipe, params, result)
+    base_extra = _row_extra(recipe, params, result) | ({"started_at": started_at} if started_at else {})
     if result.get(FINAL_KEY) and trial.checkpoint is not None:
         return _add_from_checkpoint(store, trial.trial_id, trial.checkpoint,
                                     base_extra | {"attempts": trial.num_failures + 1}, remote)
@@ -191,7 +249,9 @@ def _add_from_checkpoint(store, trial_id: str, ckpt, extra: dict, remote: Remote
     original = ckpt.path.rstrip("/") + "/checkpoint.safetensors"
     if remote is None:
         with tempfile.TemporaryDirectory(prefix="skinsweep-consolidate-") as tmp:
-            return _add_trial_folder(store, Path(ckpt.to_directory(tmp)), extra | {"checkpoint": original})
+            folder = Path(ckpt.to_directory(tmp))
+            has_model = (folder / "checkpoint.safetensors").is_file()  # none for a trial stopped by the budget
+            return _add_trial_folder(store, folder, extra | {"checkpoint": original if has_model else None})
     dest = store.root / CHECKPOINTS_DIR / trial_id
     tmp = dest.with_name(f".{trial_id}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

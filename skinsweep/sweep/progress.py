@@ -1,7 +1,7 @@
 """The sweep's progress view: a live table on a terminal, one plain line per trial event elsewhere.
 
 On a terminal, :class:`SweepProgress` keeps a ``rich.live.Live`` table of the trials — id, backbone, mode,
-key hyperparameters, status (RUNNING / COMPLETED / PRUNED / DIVERGED / FAILED / RETRYING), epoch, the
+key hyperparameters, status (RUNNING / COMPLETED / PRUNED / OUT_OF_BUDGET / DIVERGED / FAILED / RETRYING), epoch, the
 scheduler metric at the latest epoch and the best so far — under a header line with the counts and the
 best trial so far. Outside a terminal (CI logs, pipes, ``| tee``) there are no escape codes: each trial
 start, retry and end prints one plain line with the same counts.
@@ -22,9 +22,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-STATUS_STYLE = {"RUNNING": "cyan", "RETRYING": "yellow", "COMPLETED": "green",
-                "PRUNED": "yellow", "DIVERGED": "magenta", "FAILED": "red"}  # in the order counts are shown
-FINAL = ("COMPLETED", "PRUNED", "DIVERGED", "FAILED")
+STATUS_STYLE = {"RUNNING": "cyan", "RETRYING": "yellow", "COMPLETED": "green", "PRUNED": "yellow",
+                "OUT_OF_BUDGET": "blue", "DIVERGED": "magenta", "FAILED": "red"}  # in the order counts are shown
+FINAL = ("COMPLETED", "PRUNED", "OUT_OF_BUDGET", "DIVERGED", "FAILED")
 
 
 @dataclass
@@ -53,11 +53,13 @@ class SweepProgress:
         metric: the reported metric shown per epoch and used for "best so far" (e.g. ``val_auc``).
         mode: ``"max"`` or ``"min"``: which way is better for ``metric``.
         max_rows: rows of the live table; running trials first, then the most recently finished.
+        budget: the sweep's time budget (:class:`skinsweep.sweep.driver.Budget`): used and left are shown.
     """
 
     def __init__(self, console: Console, *, name: str, total: int, metric: str = "val_auc", mode: str = "max",
-                 live: bool | None = None, max_rows: int = 25) -> None:
+                 live: bool | None = None, max_rows: int = 25, budget=None) -> None:
         self.console, self.name, self.total = console, name, total
+        self.budget = budget  # a skinsweep.sweep.driver.Budget (its .text() is shown), or None
         self.metric, self.mode, self.max_rows = metric, mode, max_rows
         self.live = console.is_terminal if live is None else live
         self.rows: dict[str, TrialRow] = {}
@@ -114,7 +116,7 @@ class SweepProgress:
         self._emit(f"[retry] {row.trial_id} crashed, attempt {row.attempt} next" + (f": {error}" if error else ""))
 
     def finished(self, trial_id: str, status: str, value: float | None = None, epoch: int | None = None) -> None:
-        """A trial ended; ``status`` is what the results store recorded (completed, pruned, diverged, failed),
+        """A trial ended; ``status`` is what the results store recorded (completed, pruned, out_of_budget, diverged, failed),
         ``epoch`` the epochs it ran (a trial's last epoch comes only with its final report)."""
         row = self.rows.get(trial_id)
         if row is None:  # ended without a start event this session (restored by --resume)
@@ -127,7 +129,7 @@ class SweepProgress:
         self._touch(row)
         value_text = f" {self.metric} {row.final:.3f}" if row.final is not None else ""
         self._emit(f"[{self.done()}/{self.total}] {row.trial_id} {row.status} {self._label(row, ids=False)}"
-                   f"{self._epoch_text(row, ' · epoch ')}{value_text} — {self.summary()}")
+                   f"{self._epoch_text(row, ' · epoch ')}{value_text} — {self.summary()}{self._budget_text()}")
 
     # ---- rendering --------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -148,11 +150,11 @@ class SweepProgress:
         return text
 
     def done(self) -> int:
-        """Trials that have ended (completed, pruned, diverged or failed)."""
+        """Trials that have ended (completed, pruned, out_of_budget, diverged or failed)."""
         return sum(r.status in FINAL for r in self.rows.values())
 
     def header(self) -> str:
-        return f"sweep {self.name}: {self.done()}/{self.total} trials done · {self.summary()}"
+        return f"sweep {self.name}: {self.done()}/{self.total} trials done · {self.summary()}{self._budget_text()}"
 
     def table(self) -> Table:
         t = Table(box=None, pad_edge=False, header_style="bold")
@@ -173,6 +175,10 @@ class SweepProgress:
         return Group(Text(self.header(), style="bold"), self.table())
 
     # ---- internals --------------------------------------------------------------------------------
+    def _budget_text(self) -> str:
+        text = self.budget.text() if self.budget is not None else ""
+        return f" · {text}" if text else ""
+
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b
 

@@ -435,6 +435,10 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     if isinstance(raw.get("split"), dict) and raw["split"].get("file"):
         raw["split"]["file"] = absolute(raw["split"]["file"])
     raw["storage"] = absolute(raw.get("storage", SweepRecipe.model_fields["storage"].default))
+    search = raw.get("search")
+    if isinstance(search, dict) and search.get("warm_start"):
+        ws = search["warm_start"]
+        search["warm_start"] = absolute(ws) if isinstance(ws, str) else [absolute(w) for w in ws] if isinstance(ws, list) else ws
     for t in [raw.get("trial")] + list(raw.get("trials") or []):
         if isinstance(t, dict) and isinstance(t.get("weights"), str) and t["weights"] not in ("hub", "none"):
             t["weights"] = absolute(t["weights"])

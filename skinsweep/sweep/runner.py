@@ -27,12 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune  # the only module that imports Ray
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
 
 from skinsweep.errors import ConfigError, first_line
 from skinsweep.results import SWEEP_JSON
-from skinsweep.sweep.driver import (EPOCH_KEY, FINAL_KEY, POINT_KEY, SweepDriver, active_driver, add_if_missing,
-                                    trial_params)
+from skinsweep.sweep.driver import (EPOCH_KEY, FINAL_KEY, POINT_KEY, Budget, SweepDriver, active_driver,
+                                    add_if_missing, trial_params)
 from skinsweep.sweep.storage import CHECKPOINTS_DIR, Remote
+
+
+OPTUNA_JOURNAL = "optuna.journal"  # search.study: journal — the Optuna study, next to the results
 
 
 @dataclass
@@ -42,18 +47,23 @@ class SweepOutcome:
     counts: dict[str, int]
     wall_s: float
     storage_uri: str | None = None  # where the store is mirrored, for object-store storage
+    budget_s: float | None = None   # search.time_budget
+    budget_used_s: float = 0.0      # wall time used, earlier runs (--resume) included
+    budget_spent: bool = False      # the budget, not num_samples, ended the sweep
 
 
 # --------------------------------------------------------------------------------------------------
 # The trainable (runs on a worker)
 # --------------------------------------------------------------------------------------------------
 
-def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tuple | None = None) -> None:
+def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tuple | None = None,
+               deadline: float | None = None) -> None:
     """Ray Tune function trainable: one trial, reported per epoch, artefacts returned as a checkpoint.
 
     ``split_remote``: ``(filesystem, path)`` of the split manifest in object-store storage; the trial then
     reads it from there (through this node's cache, ``split_file`` names the cached copy) rather than from
-    the driver's disk, which another node cannot see.
+    the driver's disk, which another node cannot see. ``deadline``: ``time.time()`` at which the sweep's time
+    budget runs out (the trial stops there, status ``out_of_budget``; nodes' clocks are assumed in sync).
     """
     import ray
     import torch
@@ -89,7 +99,7 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
 
     work = Path(tempfile.mkdtemp(prefix=f"skinsweep-{trial_id}-"))
     try:
-        res = run_trial(cfg, work / "trial", callback=report_epoch, trial_id=trial_id,
+        res = run_trial(cfg, work / "trial", callback=report_epoch, trial_id=trial_id, deadline=deadline,
                         extra_columns={"recipe_hash": recipe.hash, "sweep": recipe.name})
         final = {f"final_{k}": v for k, v in res.val.items() if isinstance(v, (int, float))}
         # The searcher optimises the selected epoch's metric; the final report has no EPOCH_KEY, so ASHA
@@ -118,6 +128,21 @@ def _maybe_inject_fault(trial_id: str) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("first attempt failed on purpose\n")
         raise RuntimeError(f"injected failure for {trial_id} (SKINSWEEP_FAIL_ONCE)")
+
+
+class _Searcher(OptunaSearch):
+    """Ray's OptunaSearch that stops suggesting once the sweep's time budget is spent.
+
+    The budget is read from the driver of the sweep running in this process, not stored here: Tune pickles
+    the searcher into its experiment state, and a ``--resume`` must use the budget as it stands then.
+    Returning ``FINISHED`` ends the search; Tune then waits for the running trials, which stop themselves
+    at the same deadline (see :func:`_trainable`).
+    """
+
+    def suggest(self, trial_id: str):
+        if active_driver().budget.spent():
+            return Searcher.FINISHED
+        return super().suggest(trial_id)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,19 +221,22 @@ def run_sweep(
     from skinsweep.sweep.recipe import load_recipe
 
     console = console or Console()
-    t0 = time.perf_counter()
+    t0, t_wall = time.perf_counter(), time.time()  # the budget counts from here: index, split, caches included
     recipe = load_recipe(recipe_path, overrides)
     place = _prepare_store(recipe, resume=resume, results_dir=results_dir, console=console)
     manifest = _prepare_split(recipe, recipe_path, place)
     store = ResultsStore(place.out_dir)
+    budget = Budget(recipe.search.time_budget if recipe.search else None, t_start=t_wall)
+    if resume and budget.budget_s is not None:
+        budget.used_before = Budget.start(budget.budget_s, place.out_dir, resume=True).used_before
     progress = SweepProgress(console, name=recipe.name, total=recipe.num_samples, metric=recipe.scheduler.metric,
-                             mode=recipe.scheduler.mode)
-    driver = SweepDriver(store, recipe, str(place.split_file.resolve()), progress, place.remote)
+                             mode=recipe.scheduler.mode, budget=budget if budget.budget_s is not None else None)
+    driver = SweepDriver(store, recipe, str(place.split_file.resolve()), progress, place.remote, budget=budget)
     driver.sync(final=True)  # the split is in storage before any trial needs it
 
     _connect_ray(address)
     try:
-        tuner = _tuner(recipe, place, manifest, resume=resume, console=console)
+        tuner = _tuner(recipe, place, manifest, resume=resume, console=console, deadline=budget.deadline)
         if resume:
             driver.preload()
         console.print(f"sweep {recipe.name}: {recipe.num_samples} trials, recipe {recipe.hash}, split {manifest.hash} "
@@ -222,6 +250,8 @@ def run_sweep(
                           + (f" --results-dir {place.out_dir}" if results_dir is not None else ""))
             raise SystemExit(130) from None
         _reconcile(store, recipe, grid, place, resume=resume, console=console)
+        if budget.budget_s is not None:
+            budget.save(place.out_dir)
         driver.sync(final=True)
     finally:
         if address is None and not os.environ.get("RAY_ADDRESS"):
@@ -231,7 +261,9 @@ def run_sweep(
     df = store.trials()
     return SweepOutcome(out_dir=str(place.out_dir), n_trials=len(df), counts=df["status"].value_counts().to_dict(),
                         wall_s=time.perf_counter() - t0,
-                        storage_uri=place.remote.uri if place.remote is not None else None)
+                        storage_uri=place.remote.uri if place.remote is not None else None,
+                        budget_s=budget.budget_s, budget_used_s=budget.used(),
+                        budget_spent=budget.spent() and len(df) < recipe.num_samples)
 
 
 def _prepare_store(recipe, *, resume: bool, results_dir, console) -> _Place:
@@ -303,12 +335,12 @@ def _prepare_split(recipe, recipe_path, place: _Place):
     return manifest
 
 
-def _tuner(recipe, place: _Place, manifest, *, resume: bool, console):
+def _tuner(recipe, place: _Place, manifest, *, resume: bool, console, deadline: float | None = None):
     """Phase 3 — Tune wiring: the trainable with its split and resources, the scheduler (ASHA on
     ``EPOCH_KEY`` up to the recipe's resolved ``max_t``, or FIFO), the Optuna searcher (or, for a
-    ``trials:`` recipe, a grid over the listed points) and our callback; restored from storage on resume."""
+    ``trials:`` recipe, a grid over the listed points) and our callback; restored from storage on resume.
+    With a time budget, trials get its ``deadline`` and the searcher stops suggesting once it has passed."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     sch = recipe.scheduler
     if place.remote is None:
@@ -318,7 +350,7 @@ def _tuner(recipe, place: _Place, manifest, *, resume: bool, console):
         split_args = {"split_file": f"{recipe.name}-{manifest.hash}.parquet",
                       "split_remote": (place.remote.fs, place.remote.join("split.parquet"))}
         storage_path, storage_fs, experiment = place.remote.path.rpartition("/")[0], place.remote.fs, place.remote.path
-    trainable = tune.with_parameters(_trainable, recipe_json=recipe.model_dump_json(), **split_args)
+    trainable = tune.with_parameters(_trainable, recipe_json=recipe.model_dump_json(), deadline=deadline, **split_args)
     trainable = tune.with_resources(trainable, lambda config: recipe.resources(trial_params(recipe, config)))
     if resume:
         console.print(f"resuming sweep {recipe.name} from {place.where}")
@@ -330,8 +362,19 @@ def _tuner(recipe, place: _Place, manifest, *, resume: bool, console):
     else:
         scheduler = FIFOScheduler()
     if recipe.search:
-        searcher = OptunaSearch(space=recipe.define_by_run, metric=sch.metric, mode=sch.mode, sampler=recipe.sampler(),
-                                points_to_evaluate=recipe.optuna_points() or None)
+        storage = None
+        if recipe.search.study == "journal":  # Optuna's own file storage: optuna-dashboard opens it
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            storage = JournalStorage(JournalFileBackend(str(place.out_dir / OPTUNA_JOURNAL)))
+        searcher = _Searcher(space=recipe.define_by_run, metric=sch.metric, mode=sch.mode, sampler=recipe.sampler(),
+                             points_to_evaluate=recipe.optuna_points() or None, study_name=recipe.name,
+                             storage=storage)
+        if recipe.search.warm_start:
+            from skinsweep.sweep.warm import warm_start
+
+            warm_start(searcher._ot_study, recipe, manifest.hash, console)
     else:  # `trials:` recipe: exactly the listed configurations (a grid over them), no search; Tune's
         searcher = None  # own BasicVariantGenerator then honours max_concurrent_trials
     run_config = tune.RunConfig(

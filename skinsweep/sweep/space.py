@@ -9,6 +9,7 @@ TPE never models two ranges as one. Whether the values make valid TrialConfigs i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Optional, Sequence, Union
 
@@ -32,6 +33,22 @@ SEARCH_FIELDS = FIXED_FIELDS + tuple(DATA_LEVEL)
 DICT_FIELDS = ("backbone_args",)  # searchable key by key: `backbone_args.input_size`
 SEP = "|"  # Optuna name of a conditional variant: "<param>|<condition>"
 MAX_CONTEXTS = 4096  # categorical combinations enumerated to check that every variant can apply
+
+
+def parse_duration(text: str) -> float:
+    """``90s`` / ``60m`` / ``1.5h`` / ``2d`` / ``3600`` (seconds) → seconds; a ValueError says what is accepted."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhd]?)\s*", str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a duration; use e.g. 90s, 60m, 1.5h or a number of seconds")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """3725 → ``1h02m05s``; 65 → ``1m05s``; 9 → ``9s``."""
+    s = int(round(max(0.0, seconds)))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
 def field_problem(name: str, allowed: Sequence[str]) -> str | None:
@@ -257,6 +274,26 @@ class SearchSpec(Strict):
     space: dict[str, Optional[ParamSpec]] = Field(description="TrialConfig field → distribution; null drops it.")
     points_to_evaluate: list[dict[str, Any]] = []
     sampler: SamplerSpec = SamplerSpec()
+    time_budget: Optional[float] = Field(
+        None, gt=0, description="Wall-time budget in seconds (YAML also takes 90s, 60m, 8h): no trial starts once it "
+                                "is spent and running trials stop at it (status out_of_budget). Whichever of "
+                                "num_samples and the budget ends first ends the sweep.")
+    warm_start: list[str] = Field([], description="Earlier sweeps' results folders whose completed and pruned trials "
+                                                  "are told to Optuna before it samples (trials outside the space "
+                                                  "are skipped).")
+    study: Literal["memory", "journal"] = Field(
+        "memory", description="memory, or journal: the Optuna study is also written to <results>/optuna.journal "
+                              "(Optuna's JournalFileStorage) for optuna-dashboard.")
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return parse_duration(v) if isinstance(v, str) else v
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
     def params(self) -> tuple[Param, ...]:
         """The space in YAML order (parameters set to null by ``--set`` left out)."""

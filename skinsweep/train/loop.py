@@ -11,7 +11,8 @@
 7. artefacts       — ``predictions.parquet``, ``checkpoint.safetensors``, ``model.json``, ``summary.json``
 
 The sweep layer wraps this function; ``callback(metrics)`` is its hook (it may raise to stop a trial).
-A NaN/inf loss ends the trial with status ``diverged`` — recorded, not a crash.
+A NaN/inf loss ends the trial with status ``diverged`` — recorded, not a crash; a sweep's spent time budget
+ends it with status ``out_of_budget``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ MODEL_JSON = "model.json"
 @dataclass
 class TrialResult:
     trial_id: str
-    status: str                 # completed | diverged
+    status: str                 # completed | diverged | out_of_budget
     out_dir: Path
     best_epoch: int | None
     val: dict[str, float]
@@ -110,6 +111,7 @@ def run_trial(
     progress: bool = False,
     overwrite: bool = False,
     extra_columns: dict[str, Any] | None = None,
+    deadline: float | None = None,
 ) -> TrialResult:
     """Train and evaluate one configuration; write its artefacts to ``out_dir``.
 
@@ -121,6 +123,9 @@ def run_trial(
         progress: show a progress bar.
         overwrite: replace the artefacts of a different trial in ``out_dir``.
         extra_columns: constant columns added to every prediction row (e.g. the sweep's recipe hash).
+        deadline: ``time.time()`` at which a sweep's time budget runs out. Training stops at the first batch
+            after it; the trial ends with status ``out_of_budget``, its val metrics those of its best epoch so
+            far, and no predictions or checkpoint (it did not finish, so no test score and no ensemble member).
     """
     from skinsweep.train.backbones import create_backbone
     from skinsweep.data.cache import build_cache
@@ -249,6 +254,9 @@ def run_trial(
             order = rng.permutation(len(rows["train"]))
             losses = []
             for s in range(0, len(order), cfg.batch_size):
+                if deadline is not None and time.time() >= deadline:
+                    status = "out_of_budget"
+                    break
                 sel = np.sort(order[s:s + cfg.batch_size])  # sorted rows read the memmap sequentially
                 for g, base in zip(opt.param_groups, base_lrs):
                     g["lr"] = base * lr_factor(step, total_steps, warmup_steps, cfg.schedule)
@@ -262,7 +270,7 @@ def run_trial(
                 opt.step()
                 losses.append(loss.item())
                 step += 1
-            if status == "diverged":
+            if status != "completed":
                 break
             val_logits = predict("val")
             m = binary_metrics(y["val"], sigmoid(val_logits).astype(np.float32), loss=split_loss(val_logits, "val"))
@@ -281,7 +289,9 @@ def run_trial(
 
     # ---- 6. final scoring with the selected epoch ---------------------------------------------
     result_rows, val_metrics, test_metrics = [], {}, {}
-    if best_state is not None:
+    if status == "out_of_budget" and best_epoch is not None:  # stopped by the sweep's budget: no scoring
+        val_metrics = {k.removeprefix("val_"): v for k, v in history[best_epoch - 1].items() if k.startswith("val_")}
+    elif best_state is not None:
         model.load_state_dict(best_state)
         for split in ("val", "test"):
             if not len(rows[split]):
