@@ -155,3 +155,56 @@ def test_train_cli(synth_dir, tmp_path):
     assert "completed" in r.output and "auc" in r.output and (tmp_path / "o" / PREDICTIONS).is_file()
     r = CliRunner().invoke(app, ["train", "--data", str(synth_dir), "--out", str(tmp_path / "o"), "--lr", "-1"])
     assert r.exit_code == 2 and r.output.startswith("error:") and "[lr]" in r.output
+
+
+# --------------------------------------------------------------------------------------------------
+# Wider search space (#11): onecycle, label smoothing
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("total, warmup", [(100, 0), (57, 0), (33, 5), (120, 40), (7, 0), (2, 0)])
+def test_onecycle_matches_torch_one_cycle_lr(total, warmup):
+    from skinsweep.train.loop import lr_factor
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=total,
+                                                **({"pct_start": warmup / total} if warmup else {}))
+    ours, theirs = [], []
+    for step in range(total):
+        theirs.append(opt.param_groups[0]["lr"])
+        ours.append(lr_factor(step, total, warmup, "onecycle"))
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    if total >= 10:  # (with 2 steps OneCycleLR itself never reaches lr/25 or lr)
+        assert ours[0] == pytest.approx(1 / 25) and max(ours) == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("loss", ["bce", "focal"])
+def test_label_smoothing_targets(synth_dir, loss):
+    from torchvision.ops import sigmoid_focal_loss
+
+    from skinsweep.train.loop import loss_fn
+
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(64, generator=g), (torch.rand(64, generator=g) < 0.3).float()
+    c = cfg(synth_dir, loss=loss, label_smoothing=0.1)
+    soft = y * 0.9 + 0.05
+    ref = (sigmoid_focal_loss(logits, soft, alpha=8 / 9, gamma=2.0, reduction="mean") if loss == "focal" else
+           torch.nn.functional.binary_cross_entropy_with_logits(logits, soft, pos_weight=torch.tensor(8.0)))
+    torch.testing.assert_close(loss_fn(logits, y, c), ref)
+    plain = loss_fn(logits, y, cfg(synth_dir, loss=loss))
+    torch.testing.assert_close(loss_fn(logits, y, c, smoothing=0.0), plain)
+    assert abs(float(plain - ref)) > 1e-3
+    with pytest.raises(ConfigError, match=r"\[label_smoothing\]"):
+        cfg(synth_dir, label_smoothing=0.5)
+
+
+def test_new_fields_keep_old_config_hashes(synth_dir):
+    """Fields added later are out of the hash at their defaults: trials that ran before keep their ids."""
+    from skinsweep.train.config import parse_config as parse
+
+    old = parse(dict(data="d", backbone="tiny_resnet", epochs=2))
+    assert old.hash == "ce337ec42877a458"  # computed before label_smoothing existed
+    assert parse(dict(data="d", backbone="tiny_resnet", epochs=2, label_smoothing=0.1)).hash != old.hash
+

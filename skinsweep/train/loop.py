@@ -58,7 +58,20 @@ class TrialResult:
 # --------------------------------------------------------------------------------------------------
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Multiplier on the base lr at ``step``: linear warmup, then constant or cosine to 0."""
+    """Multiplier on the base lr at ``step``: linear warmup, then constant or cosine to 0; or onecycle.
+
+    ``onecycle`` is ``torch.optim.lr_scheduler.OneCycleLR`` with its defaults (div_factor 25,
+    final_div_factor 1e4, cosine annealing, two phases), ``pct_start`` = the warm-up's share of the steps
+    (0.3 without one): a pure function of the step, so it needs no scheduler state to checkpoint.
+    """
+    if schedule == "onecycle":
+        up = (warmup_steps if warmup_steps else 0.3 * total_steps) - 1  # OneCycleLR's end of phase one
+        start, end = (1 / 25, 1.0) if step <= up else (1.0, 1 / 25 / 1e4)
+        if step <= up:
+            pct = step / up if up > 0 else 1.0
+        else:
+            pct = (step - up) / max(total_steps - 1 - up, 1e-12)
+        return end + (start - end) / 2 * (math.cos(math.pi * min(1.0, pct)) + 1)
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "cosine":
@@ -67,8 +80,15 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 1.0
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, cfg: TrialConfig) -> torch.Tensor:
-    """Weighted BCE (pos_weight), or sigmoid focal loss with alpha = w / (1 + w) for the same balance."""
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, cfg: TrialConfig, smoothing: float | None = None) -> torch.Tensor:
+    """Weighted BCE (pos_weight), or sigmoid focal loss with alpha = w / (1 + w) for the same balance.
+
+    Targets are smoothed to ``y(1-ε)+ε/2`` with ε = ``smoothing`` (default ``cfg.label_smoothing``); the
+    reported val/test losses pass 0, so they stay comparable across ε.
+    """
+    eps = cfg.label_smoothing if smoothing is None else smoothing
+    if eps:
+        y = y * (1 - eps) + eps / 2
     if cfg.loss == "focal":
         from torchvision.ops import sigmoid_focal_loss
 
@@ -234,7 +254,7 @@ def run_trial(
         return torch.cat(out_logits).numpy() if out_logits else np.zeros(0, np.float32)
 
     def split_loss(logits: np.ndarray, split: str) -> float:
-        return float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y[split]), cfg))
+        return float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y[split]), cfg, smoothing=0.0))
 
     better = HIGHER_IS_BETTER[cfg.select_metric]
     best_epoch, best_score, best_state = None, None, None
