@@ -47,7 +47,8 @@ class TrialConfig(Strict):
     epochs: int = Field(20, ge=1, description="Training epochs.")
     warmup_epochs: int = Field(0, ge=0, description="Epochs of linear learning-rate warm-up (onecycle: its cosine warm-up phase; 0 = 30% of the steps).")
     schedule: Literal["constant", "cosine", "onecycle"] = Field("constant", description="Learning-rate schedule per step: constant, cosine (to 0), or onecycle (torch OneCycleLR defaults: cosine up from lr/25 to lr over the warm-up, then cosine down to lr/25e4).")
-    augment: Literal["auto", "none", "resnet_study"] = Field("auto", description="Training augmentation: auto (resnet_study for fine-tuned CNNs, none otherwise, as the study), none or resnet_study.")
+    augment: Literal["auto", "none", "flips", "light", "resnet_study"] = Field("auto", description="Training augmentation: auto (resnet_study for fine-tuned CNNs, none otherwise, as the study), none, flips (random 90° rotation + horizontal flip: the 8 dihedral views), light (flips + random resized crop of 50-100% area + colour jitter 0.1) or resnet_study (crop 8-100%, hflip, jitter 0.2).")
+    tta: Literal["none", "flips", "dihedral"] = Field("none", description="Test-time augmentation of the final val/test scoring and of bundles: mean logit over flips (identity, h, v, hv) or dihedral (4 rotations × hflip); per-epoch validation stays plain. A cached linear probe runs its frozen backbone on the views for this.")
     select_metric: str = Field("auc", description="Validation metric that picks the epoch.")
     embedding_cache: bool = Field(True, description="linear_probe: embed each image once and reuse (else run the frozen backbone every epoch).")
     # runtime
@@ -75,7 +76,7 @@ class TrialConfig(Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_ADDED_LATER = {"label_smoothing": 0.0}
+_ADDED_LATER = {"label_smoothing": 0.0, "tta": "none"}
 
 
 def parse_config(values: dict[str, Any], source: str = "trial config") -> TrialConfig:
