@@ -155,3 +155,114 @@ def test_train_cli(synth_dir, tmp_path):
     assert "completed" in r.output and "auc" in r.output and (tmp_path / "o" / PREDICTIONS).is_file()
     r = CliRunner().invoke(app, ["train", "--data", str(synth_dir), "--out", str(tmp_path / "o"), "--lr", "-1"])
     assert r.exit_code == 2 and r.output.startswith("error:") and "[lr]" in r.output
+
+
+# --------------------------------------------------------------------------------------------------
+# Wider search space (#11): onecycle, label smoothing, flips/light augmentation, TTA
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("total, warmup", [(100, 0), (57, 0), (33, 5), (120, 40), (7, 0), (2, 0)])
+def test_onecycle_matches_torch_one_cycle_lr(total, warmup):
+    from skinsweep.train.loop import lr_factor
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=total,
+                                                **({"pct_start": warmup / total} if warmup else {}))
+    ours, theirs = [], []
+    for step in range(total):
+        theirs.append(opt.param_groups[0]["lr"])
+        ours.append(lr_factor(step, total, warmup, "onecycle"))
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    if total >= 10:  # (with 2 steps OneCycleLR itself never reaches lr/25 or lr)
+        assert ours[0] == pytest.approx(1 / 25) and max(ours) == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("loss", ["bce", "focal"])
+def test_label_smoothing_targets(synth_dir, loss):
+    from torchvision.ops import sigmoid_focal_loss
+
+    from skinsweep.train.loop import loss_fn
+
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(64, generator=g), (torch.rand(64, generator=g) < 0.3).float()
+    c = cfg(synth_dir, loss=loss, label_smoothing=0.1)
+    soft = y * 0.9 + 0.05
+    ref = (sigmoid_focal_loss(logits, soft, alpha=8 / 9, gamma=2.0, reduction="mean") if loss == "focal" else
+           torch.nn.functional.binary_cross_entropy_with_logits(logits, soft, pos_weight=torch.tensor(8.0)))
+    torch.testing.assert_close(loss_fn(logits, y, c), ref)
+    plain = loss_fn(logits, y, cfg(synth_dir, loss=loss))
+    torch.testing.assert_close(loss_fn(logits, y, c, smoothing=0.0), plain)
+    assert abs(float(plain - ref)) > 1e-3
+    with pytest.raises(ConfigError, match=r"\[label_smoothing\]"):
+        cfg(synth_dir, label_smoothing=0.5)
+
+
+def test_new_fields_keep_old_config_hashes(synth_dir):
+    """Fields added later are out of the hash at their defaults: trials that ran before keep their ids."""
+    from skinsweep.train.config import parse_config as parse
+
+    old = parse(dict(data="d", backbone="tiny_resnet", epochs=2))
+    assert old.hash == "ce337ec42877a458"  # computed before label_smoothing and tta existed
+    assert parse(dict(data="d", backbone="tiny_resnet", epochs=2, tta="flips")).hash != old.hash
+    assert parse(dict(data="d", backbone="tiny_resnet", epochs=2, label_smoothing=0.1)).hash != old.hash
+
+
+def _plain_and_tta_logits(out, synth_dir, ids, tta):
+    """The trial's saved model on the cached test images: plain logits and the mean over its TTA views."""
+    from skinsweep.data.cache import build_cache
+    from skinsweep.data.index import load_index
+    from skinsweep.data.transforms import DataConfig, eval_transform
+
+    model, meta = load_trial_model(out)
+    cache = build_cache(load_index(synth_dir), size=meta["image_size"], policy=meta["resize_policy"])
+    x = eval_transform(DataConfig.from_dict(meta["data_config"]))(torch.from_numpy(cache.get(ids)))
+    views = {"flips": [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)],
+             "dihedral": [torch.rot90(x, k, (2, 3)).flip(-1) if f else torch.rot90(x, k, (2, 3))
+                          for k in range(4) for f in (0, 1)]}[tta]
+    with torch.no_grad():
+        return model(x).numpy(), torch.stack([model(v) for v in views]).mean(0).numpy()
+
+
+def test_onecycle_smoothing_flips_and_tta_trial(synth_dir, tmp_path):
+    """One trial with the new options: TTA scores only the selected epoch, and is recorded everywhere;
+    val losses are on the true labels; the flips augmentation and onecycle schedule run."""
+    out = tmp_path / "t"
+    seen = []
+    c = cfg(synth_dir, epochs=2, schedule="onecycle", augment="flips", label_smoothing=0.2, tta="flips")
+    res = run_trial(c, out, callback=seen.append)
+    assert res.status == "completed" and res.summary["augment"] == "flips" and res.summary["tta"] == "flips"
+    assert json.loads((out / MODEL_JSON).read_text())["tta"] == "flips"
+    preds = pd.read_parquet(out / PREDICTIONS)
+    assert (preds["tta_used"] == "flips").all()
+    # final scoring: stored logits are the mean over the 4 flips (and differ from the plain logits)
+    for split in ("val", "test"):
+        p = preds[preds["split"] == split]
+        plain, tta = _plain_and_tta_logits(out, synth_dir, p["image_id"].tolist(), "flips")
+        np.testing.assert_allclose(p["logit"].to_numpy(), tta, atol=1e-5)
+        assert np.abs(plain - tta).max() > 1e-4
+        # reported losses: the plain (unsmoothed) loss of the stored logits on the true labels
+        w = np.where(p["label"] == 1, 8.0, 1.0)
+        z, lab = p["logit"].to_numpy().astype(np.float64), p["label"].to_numpy()
+        bce = np.mean(w * lab * np.logaddexp(0, -z) + (1 - lab) * np.logaddexp(0, z))
+        assert res.summary[split]["loss"] == pytest.approx(bce, rel=1e-5)
+        if split == "val":  # the per-epoch validation of the selected epoch was without TTA
+            pv = float(torch.nn.functional.binary_cross_entropy_with_logits(
+                torch.from_numpy(plain), torch.from_numpy(lab.astype(np.float32)), pos_weight=torch.tensor(8.0)))
+            assert seen[res.best_epoch - 1]["val_loss"] == pytest.approx(pv, rel=1e-5)
+
+
+def test_cached_linear_probe_with_tta_embeds_the_views(synth_dir, tmp_path):
+    res = run_trial(cfg(synth_dir, backbone="tiny_vit", mode="linear_probe", tta="dihedral"), tmp_path / "p")
+    assert res.summary["embedding_cache"] == "miss" and res.summary["tta"] == "dihedral"
+    test = pd.read_parquet(tmp_path / "p" / PREDICTIONS).query("split == 'test'")
+    _, tta = _plain_and_tta_logits(tmp_path / "p", synth_dir, test["image_id"].tolist(), "dihedral")
+    np.testing.assert_allclose(test["logit"].to_numpy(), tta, atol=1e-5)
+
+
+@pytest.mark.parametrize("augment", ["light"])
+def test_light_augmentation_trains(synth_dir, tmp_path, augment):
+    res = run_trial(cfg(synth_dir, epochs=1, augment=augment), tmp_path / "a")
+    assert res.status == "completed" and res.summary["augment"] == augment

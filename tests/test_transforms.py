@@ -181,7 +181,7 @@ def test_nearest_copies_input_pixels():
     (torch.zeros(32, 32, 3, dtype=torch.uint8), r"\(B, H, W, 3\)"),
     (torch.zeros(2, 32, 32, 3, dtype=torch.int32), "uint8"),
 ])
-@pytest.mark.parametrize("augment", ["none", "resnet_study"])
+@pytest.mark.parametrize("augment", T.AUGMENTS)
 def test_bad_batches_raise_data_error(bad, match, augment):
     with pytest.raises(DataError, match=match):
         train_transform(DataConfig(input_size=32), augment)(bad)
@@ -232,6 +232,76 @@ def test_no_augmentation_equals_eval():
     x = batch(lesion_image(32, 32), lesion_image(32, 32, seed=1))
     out = _study(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, jitter=0.0)(x)
     torch.testing.assert_close(out, eval_transform(DataConfig(input_size=32))(x))
+
+
+def _dihedral8(y: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square applied to y (3, S, S), written independently of the module."""
+    out = []
+    for k in range(4):
+        r = torch.rot90(y, k, dims=(1, 2))
+        out += [r, torch.flip(r, dims=(2,))]
+    return out
+
+
+@pytest.mark.parametrize("augment", ["flips", "light"])
+def test_flips_and_light_shapes_and_determinism(augment):
+    x = batch(*[lesion_image(40, 40, seed=s) for s in range(6)])
+    t = train_transform(DataConfig(input_size=32), augment)
+    run = lambda seed: t(x, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32 and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_flips_is_a_dihedral_view_of_eval_per_sample():
+    cfg = DataConfig(input_size=32, crop_pct=0.9)  # a centre crop too: the view is of the eval output
+    x = batch(*[lesion_image(40, 40, seed=s) for s in range(64)])
+    ref = eval_transform(cfg)(x)
+    out = train_transform(cfg, "flips")(x, generator=torch.Generator().manual_seed(0))
+    seen = []
+    for i in range(len(x)):
+        match = [v for v, d in enumerate(_dihedral8(ref[i])) if torch.equal(out[i], d)]
+        assert match, f"sample {i} is not a dihedral view of its eval image"
+        seen.append(match[0])
+    assert len(set(seen)) == 8  # all 8 views occur, chosen per sample
+
+
+def test_light_turns_every_way():
+    # an asymmetric corner mark shows which way a sample was turned and flipped
+    img = np.full((48, 48, 3), 128, np.uint8)
+    img[:12, :12] = 250
+    x = torch.from_numpy(img).expand(200, 48, 48, 3).contiguous()
+    out = train_transform(DataConfig(input_size=32), "light")(x, generator=torch.Generator().manual_seed(0))
+    corners = torch.stack([out[:, 0, :8, :8].mean((1, 2)), out[:, 0, :8, -8:].mean((1, 2)),
+                           out[:, 0, -8:, :8].mean((1, 2)), out[:, 0, -8:, -8:].mean((1, 2))], 1)
+    brightest = corners.argmax(1)
+    assert set(brightest.tolist()) == {0, 1, 2, 3}  # the mark lands in every corner
+    t = train_transform(DataConfig(input_size=32), "light")
+    assert (t.scale, t.jitter, t.hflip, t.rot90) == ((0.5, 1.0), 0.1, 0.5, True)  # crops keep >= half the area
+    # without the rot90 option, the same seed gives exactly the study's RNG stream
+    study = _study(scale=(0.5, 1.0), jitter=0.1)(x, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(out, study)
+    norot = train_transform(DataConfig(input_size=32), "light", rot90=False)
+    assert torch.equal(norot(x, generator=torch.Generator().manual_seed(0)), study)
+
+
+@pytest.mark.parametrize("tta, n", [("none", 1), ("flips", 4), ("dihedral", 8)])
+def test_tta_views_and_logits(tta, n):
+    y = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    views = T.tta_views(y, tta)
+    assert len(views) == n
+    for i in range(3):
+        eight = _dihedral8(y[i])
+        assert all(any(torch.equal(v[i], d) for d in eight) for v in views)  # each view is a symmetry
+        assert len({tuple(v[i].flatten().tolist()) for v in views}) == n  # and they are distinct
+    model = lambda v: v[:, 0, :2, :3].sum((1, 2)) * 1.5  # noqa: E731  (a corner detector: not invariant)
+    expected = torch.stack([model(v) for v in views]).mean(0)
+    torch.testing.assert_close(T.tta_logits(model, y, tta), expected)
+    if tta == "dihedral":  # invariant: every output pixel is averaged over its whole orbit
+        inv = lambda v: v.mean((1, 2, 3))  # noqa: E731
+        torch.testing.assert_close(T.tta_logits(inv, y, tta), inv(y))
+    with pytest.raises(ConfigError, match="tta must be one of"):
+        T.tta_views(y, "rot")
 
 
 @pytest.mark.parametrize("hw", [(224, 224), (100, 300), (300, 100), (10, 200)])
@@ -321,6 +391,7 @@ def test_format_data_config_and_module_reprs():
     (lambda: DataConfig.from_open_clip({"size": 224, "resize_mode": "longest"}), "resize_mode"),
     (lambda: train_transform(DataConfig(), "randaug"), "augment"),
     (lambda: train_transform(DataConfig(), "none", hflip=0.5), "none"),
+    (lambda: train_transform(DataConfig(), "flips", hflip=0.5), "flips"),
     (lambda: train_transform(DataConfig(), "resnet_study", scale=(0.5, 0.1)), "scale"),
     (lambda: train_transform(DataConfig(), "resnet_study", scale=0.5), "scale must be a .low, high. pair"),
     (lambda: train_transform(DataConfig(), "resnet_study", ratio=(0.0, 1.0)), "ratio"),

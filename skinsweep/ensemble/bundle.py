@@ -11,7 +11,8 @@ Layout::
 
 :func:`load_bundle` verifies the manifest first and refuses a tampered or incomplete bundle.
 ``Bundle.predict`` reproduces the evaluation path exactly: decode + resize as the image cache does,
-the member's eval transform, member logits, combiner, calibrator, threshold. A bundle whose stacker
+the member's eval transform, member logits (averaged over the views of the member's recorded ``tta``,
+as its trial scored val and test), combiner, calibrator, threshold. A bundle whose stacker
 uses patient metadata needs it at predict time (``metadata=``, matched to images by file stem).
 """
 
@@ -103,11 +104,17 @@ class Bundle:
         return [e["trial_id"] for e in self.meta["members"]]
 
     def member_logits(self, images: Sequence, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
-        """Logits (N, M) for ``images`` (file paths or PIL images)."""
+        """Logits (N, M) for ``images`` (file paths or PIL images).
+
+        Each member applies the test-time augmentation its trial was scored with (model.json ``tta``;
+        absent: none), so a member's logit is its trial's stored prediction. ``tta=True`` adds the mirror
+        image for members without one; members with ``flips``/``dihedral`` already average over sets
+        closed under mirroring, where it would change nothing.
+        """
         import torch
 
         from skinsweep.data.cache import decode_resize
-        from skinsweep.data.transforms import DataConfig, eval_transform
+        from skinsweep.data.transforms import DataConfig, eval_transform, tta_logits
 
         out = np.zeros((len(images), len(self.models)), dtype=np.float64)
         decoded: dict[tuple, np.ndarray] = {}
@@ -116,12 +123,13 @@ class Bundle:
             if key not in decoded:  # members sharing a size/policy share one decode
                 decoded[key] = np.stack([_decode(im, *key, decode_resize) for im in images])
             t = eval_transform(DataConfig.from_dict(mm["data_config"]))
+            views = mm.get("tta", "none")
             arr = decoded[key]
             for s in range(0, len(arr), batch_size):
                 x = t(torch.from_numpy(arr[s:s + batch_size].copy()))
                 with torch.no_grad():
-                    logit = model(x)
-                    if tta:
+                    logit = tta_logits(model, x, views)
+                    if tta and views == "none":
                         logit = (logit + model(torch.flip(x, dims=[-1]))) / 2
                 out[s:s + batch_size, j] = logit.double().numpy()
         return out

@@ -38,15 +38,17 @@ class TrialConfig(Strict):
     loss: Literal["bce", "focal"] = Field("bce", description="bce (BCE with logits weighted by pos_weight) or focal (alpha = w/(1+w), gamma focal_gamma).")
     pos_weight: float = Field(8.0, gt=0, description="Positive-class weight (the study: 8 = benign/melanoma ratio).")
     focal_gamma: float = Field(2.0, ge=0, description="Focusing parameter of the focal loss.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Training targets become y(1-ε)+ε/2 (bce and focal); reported val/test losses stay on the true labels.")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="adam or adamw.")
     lr: float = Field(1e-4, gt=0, description="Learning rate (head; the backbone gets lr × backbone_lr_mult).")
     backbone_lr_mult: float = Field(1.0, gt=0, description="Backbone lr = lr × this (finetune only).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay of the optimizer.")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     epochs: int = Field(20, ge=1, description="Training epochs.")
-    warmup_epochs: int = Field(0, ge=0, description="Epochs of linear learning-rate warm-up.")
-    schedule: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule: constant or cosine.")
-    augment: Literal["auto", "none", "resnet_study"] = Field("auto", description="Training augmentation: auto (resnet_study for fine-tuned CNNs, none otherwise, as the study), none or resnet_study.")
+    warmup_epochs: int = Field(0, ge=0, description="Epochs of linear learning-rate warm-up (onecycle: its cosine warm-up phase; 0 = 30% of the steps).")
+    schedule: Literal["constant", "cosine", "onecycle"] = Field("constant", description="Learning-rate schedule per step: constant, cosine (to 0), or onecycle (torch OneCycleLR defaults: cosine up from lr/25 to lr over the warm-up, then cosine down to lr/25e4).")
+    augment: Literal["auto", "none", "flips", "light", "resnet_study"] = Field("auto", description="Training augmentation: auto (resnet_study for fine-tuned CNNs, none otherwise, as the study), none, flips (random 90° rotation + horizontal flip: the 8 dihedral views), light (flips + random resized crop of 50-100% area + colour jitter 0.1) or resnet_study (crop 8-100%, hflip, jitter 0.2).")
+    tta: Literal["none", "flips", "dihedral"] = Field("none", description="Test-time augmentation of the final val/test scoring and of bundles: mean logit over flips (identity, h, v, hv) or dihedral (4 rotations × hflip); per-epoch validation stays plain. A cached linear probe runs its frozen backbone on the views for this.")
     select_metric: str = Field("auc", description="Validation metric that picks the epoch.")
     embedding_cache: bool = Field(True, description="linear_probe: embed each image once and reuse (else run the frozen backbone every epoch).")
     # runtime
@@ -65,9 +67,16 @@ class TrialConfig(Strict):
 
     @property
     def hash(self) -> str:
-        """Hash of every setting except where it runs (device)."""
+        """Hash of every setting except where it runs (device); fields added later are left out at their
+        defaults, so trials that ran before they existed keep their hash (trial id, reuse, resume)."""
         d = self.model_dump(exclude={"device", "eval_batch_size"})
+        for name, default in _ADDED_LATER.items():
+            if d[name] == default:
+                del d[name]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ADDED_LATER = {"label_smoothing": 0.0, "tta": "none"}
 
 
 def parse_config(values: dict[str, Any], source: str = "trial config") -> TrialConfig:

@@ -7,7 +7,7 @@
 3. model           — backbone from the registry + head; frozen for ``linear_probe``
 4. probe features  — linear probe only: embeddings from the embedding cache (computed once)
 5. training        — per epoch: train, evaluate on val, hand the metrics to ``callback``, keep the best
-6. final scoring   — the selected epoch's model scores val and test, once
+6. final scoring   — the selected epoch's model scores val and test, once (with ``tta``, if set)
 7. artefacts       — ``predictions.parquet``, ``checkpoint.safetensors``, ``model.json``, ``summary.json``
 
 The sweep layer wraps this function; ``callback(metrics)`` is its hook (it may raise to stop a trial).
@@ -59,7 +59,20 @@ class TrialResult:
 # --------------------------------------------------------------------------------------------------
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Multiplier on the base lr at ``step``: linear warmup, then constant or cosine to 0."""
+    """Multiplier on the base lr at ``step``: linear warmup, then constant or cosine to 0; or onecycle.
+
+    ``onecycle`` is ``torch.optim.lr_scheduler.OneCycleLR`` with its defaults (div_factor 25,
+    final_div_factor 1e4, cosine annealing, two phases), ``pct_start`` = the warm-up's share of the steps
+    (0.3 without one): a pure function of the step, so it needs no scheduler state to checkpoint.
+    """
+    if schedule == "onecycle":
+        up = (warmup_steps if warmup_steps else 0.3 * total_steps) - 1  # OneCycleLR's end of phase one
+        start, end = (1 / 25, 1.0) if step <= up else (1.0, 1 / 25 / 1e4)
+        if step <= up:
+            pct = step / up if up > 0 else 1.0
+        else:
+            pct = (step - up) / max(total_steps - 1 - up, 1e-12)
+        return end + (start - end) / 2 * (math.cos(math.pi * min(1.0, pct)) + 1)
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "cosine":
@@ -68,8 +81,15 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 1.0
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, cfg: TrialConfig) -> torch.Tensor:
-    """Weighted BCE (pos_weight), or sigmoid focal loss with alpha = w / (1 + w) for the same balance."""
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, cfg: TrialConfig, smoothing: float | None = None) -> torch.Tensor:
+    """Weighted BCE (pos_weight), or sigmoid focal loss with alpha = w / (1 + w) for the same balance.
+
+    Targets are smoothed to ``y(1-ε)+ε/2`` with ε = ``smoothing`` (default ``cfg.label_smoothing``); the
+    reported val/test losses pass 0, so they stay comparable across ε.
+    """
+    eps = cfg.label_smoothing if smoothing is None else smoothing
+    if eps:
+        y = y * (1 - eps) + eps / 2
     if cfg.loss == "focal":
         from torchvision.ops import sigmoid_focal_loss
 
@@ -131,7 +151,7 @@ def run_trial(
     from skinsweep.data.cache import build_cache
     from skinsweep.data.index import load_index
     from skinsweep.data.split import get_or_create_split
-    from skinsweep.data.transforms import eval_transform, train_transform
+    from skinsweep.data.transforms import eval_transform, train_transform, tta_logits
     from skinsweep.train.embeddings import cached_embeddings, embedding_key
     from skinsweep.metrics import HIGHER_IS_BETTER, binary_metrics, sigmoid
     from skinsweep.train.model import Classifier, count_parameters, make_head, param_groups
@@ -191,9 +211,11 @@ def run_trial(
     t_train = train_transform(backbone.data_config, augment).to(device)
     t_eval = eval_transform(backbone.data_config).to(device)
 
-    def to_input(batch: np.ndarray, transform, g=None) -> torch.Tensor:
-        x = transform(torch.from_numpy(np.asarray(batch)).to(device, non_blocking=True), g)
+    def layout(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if cuda and backbone.family == "cnn" else x
+
+    def to_input(batch: np.ndarray, transform, g=None) -> torch.Tensor:
+        return layout(transform(torch.from_numpy(np.asarray(batch)).to(device, non_blocking=True), g))
 
     # ---- 4. probe features (linear probe only) ------------------------------------------------
     feats: dict[str, torch.Tensor] = {}
@@ -222,24 +244,26 @@ def run_trial(
     steps_per_epoch = math.ceil(len(rows["train"]) / cfg.batch_size)
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
 
-    def forward(split: str, sel: np.ndarray, transform, g=None) -> torch.Tensor:
-        """Logits of the ``split`` images at positions ``sel``: from probe features or from pixels."""
+    def forward(split: str, sel: np.ndarray, transform, g=None, tta: str = "none") -> torch.Tensor:
+        """Logits of the ``split`` images at positions ``sel``: from probe features or from pixels
+        (a cached probe's TTA views are new images: the frozen backbone embeds them, uncached)."""
         with autocast():
-            if probe_on_feats:
+            if probe_on_feats and tta == "none":
                 return model.head_forward(feats[split][torch.from_numpy(sel).to(device)])
-            return model(to_input(cache.images[rows[split][sel]], transform, g))
+            x = to_input(cache.images[rows[split][sel]], transform, g)
+            return tta_logits(lambda v: model(layout(v)), x, tta)
 
     @torch.no_grad()
-    def predict(split: str) -> np.ndarray:
-        """Logits (N,) of ``split`` in manifest order."""
+    def predict(split: str, tta: str = "none") -> np.ndarray:
+        """Logits (N,) of ``split`` in manifest order, averaged over the ``tta`` views."""
         model.eval()
         n = len(rows[split])
-        out_logits = [forward(split, np.arange(s, min(s + cfg.eval_batch_size, n)), t_eval).float().cpu()
+        out_logits = [forward(split, np.arange(s, min(s + cfg.eval_batch_size, n)), t_eval, tta=tta).float().cpu()
                       for s in range(0, n, cfg.eval_batch_size)]
         return torch.cat(out_logits).numpy() if out_logits else np.zeros(0, np.float32)
 
     def split_loss(logits: np.ndarray, split: str) -> float:
-        return float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y[split]), cfg))
+        return float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y[split]), cfg, smoothing=0.0))
 
     better = HIGHER_IS_BETTER[cfg.select_metric]
     best_epoch, best_score, best_state = None, None, None
@@ -272,7 +296,7 @@ def run_trial(
                 step += 1
             if status != "completed":
                 break
-            val_logits = predict("val")
+            val_logits = predict("val")  # no TTA: cheap epochs; only the selected epoch is scored with it
             m = binary_metrics(y["val"], sigmoid(val_logits).astype(np.float32), loss=split_loss(val_logits, "val"))
             record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                       **{f"val_{k}": v for k, v in m.items()}}
@@ -296,7 +320,7 @@ def run_trial(
         for split in ("val", "test"):
             if not len(rows[split]):
                 continue
-            logits = predict(split)
+            logits = predict(split, tta=cfg.tta)
             prob = sigmoid(logits).astype(np.float32)
             mm = binary_metrics(y[split], prob, loss=split_loss(logits, split))
             (val_metrics if split == "val" else test_metrics).update(mm)
@@ -305,7 +329,7 @@ def run_trial(
                 "image_id": part["image_id"], "lesion_id": part["lesion_id"], "label": part["label"].astype("int8"),
                 "dx": part["dx"], "logit": logits.astype("float32"), "prob": prob.astype("float32"),
                 "split": split, "epoch": np.int32(best_epoch), "trial_id": trial_id, "backbone": cfg.backbone,
-                "mode": cfg.mode, "split_hash": manifest.hash, "config_hash": cfg.hash,
+                "mode": cfg.mode, "split_hash": manifest.hash, "config_hash": cfg.hash, "tta_used": cfg.tta,
                 **(extra_columns or {}),
             }))
 
@@ -322,7 +346,7 @@ def run_trial(
         atomic_write_text(out / MODEL_JSON, json.dumps({
             "backbone": backbone.spec(), "head": {"kind": head_kind, "hidden": cfg.head_hidden, "dropout": cfg.dropout},
             "mode": cfg.mode, "data_config": backbone.data_config.to_dict(), "image_size": size,
-            "resize_policy": cfg.resize_policy, "positive": list(index.positive), "trial_id": trial_id,
+            "resize_policy": cfg.resize_policy, "tta": cfg.tta, "positive": list(index.positive), "trial_id": trial_id,
             "epoch": best_epoch, "split_hash": manifest.hash, "config_hash": cfg.hash, "versions": versions(),
         }, indent=2))
     summary = {
@@ -330,7 +354,7 @@ def run_trial(
         "split": str(split_path), "split_hash": manifest.hash, "dataset_hash": index.hash,
         "select_metric": cfg.select_metric, "best_epoch": best_epoch, "epochs_run": len(history),
         "val": val_metrics, "test": test_metrics, "history": history, "runtime_s": time.perf_counter() - t0,
-        "device": str(device), "augment": augment, "head": head_kind, "embedding_cache": embedding_cache,
+        "device": str(device), "augment": augment, "tta": cfg.tta, "head": head_kind, "embedding_cache": embedding_cache,
         "n_params": count_parameters(model), "n_trainable": count_parameters(model, trainable_only=True),
         "n_images": {s: len(v) for s, v in ids.items()}, "versions": versions(),
         "artefacts": {"predictions": PREDICTIONS, "checkpoint": CHECKPOINT, "model": MODEL_JSON} if result_rows else {},
