@@ -377,7 +377,7 @@ def predict(
     bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Deployment bundle folder."),
     inputs: List[Path] = typer.Argument(..., metavar="IMAGE_OR_FOLDER...", help="Images or folders of images."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write predictions to .csv or .parquet."),
-    tta: bool = typer.Option(False, "--tta", help="Average each member's logit over the image and its mirror."),
+    tta: bool = typer.Option(False, "--tta", help="Average the logit of each member that was trained without tta over the image and its mirror (members with tta: flips / dihedral already average their own views)."),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV with image_id (= file stem), age, sex, "
                                             "localization, as HAM10000_metadata.csv; needed by bundles that stack metadata."),
 ) -> None:

@@ -102,6 +102,35 @@ def test_budget_counts_earlier_runs_on_resume(tmp_path):
     assert Budget(None).deadline is None and Budget(None).text() == "" and not Budget(None).spent()
 
 
+def test_resume_without_budget_keeps_the_recorded_one(tmp_path):
+    from skinsweep.sweep.driver import Budget
+
+    Budget(600.0, t_start=time.time() - 100).save(tmp_path)
+    b = Budget.start(None, tmp_path, resume=True)
+    assert b.budget_s == 600 and 99 < b.used_before < 102
+    assert Budget.start(None, tmp_path, resume=False).budget_s is None
+    assert Budget.start(1200.0, tmp_path, resume=True).budget_s == 1200  # a new --budget on resume wins
+
+
+def test_searcher_stops_at_the_budget_and_tells_optuna_a_stopped_trial_as_pruned(tmp_path, monkeypatch):
+    from ray.tune.search import Searcher
+
+    import skinsweep.sweep.driver as drv
+    from skinsweep.sweep.driver import Budget
+    from skinsweep.sweep.runner import BUDGET_KEY, _Searcher
+
+    r = recipe(tmp_path)
+    driver = type("D", (), {"budget": Budget(100.0)})()
+    monkeypatch.setattr(drv, "_ACTIVE", [driver])
+    s = _Searcher(space=r.define_by_run, metric="val_auc", mode="max", sampler=r.sampler(), study_name="w")
+    assert isinstance(s.suggest("a"), dict) and isinstance(s.suggest("b"), dict)
+    s.on_trial_complete("a", {"val_auc": 0.7, BUDGET_KEY: 1})
+    s.on_trial_complete("b", {"val_auc": 0.8, BUDGET_KEY: 0})
+    assert [(t.state.name, t.value) for t in s._ot_study.trials] == [("PRUNED", None), ("COMPLETE", 0.8)]
+    driver.budget = Budget(10.0, t_start=time.time() - 11)
+    assert s.suggest("c") == Searcher.FINISHED
+
+
 def test_progress_shows_budget(tmp_path):
     from rich.console import Console
 
@@ -229,6 +258,18 @@ def test_warm_started_suggestions_differ_from_cold_and_concentrate_near_the_earl
     assert dist(warm) < 0.75 < dist(cold), (dist(warm), dist(cold))
 
 
+def test_warm_start_skips_trials_run_with_other_fixed_settings(tmp_path):
+    import optuna
+
+    from skinsweep.sweep.warm import warm_start
+
+    first = _earlier_sweep(tmp_path / "first")  # its trials ran 3 epochs
+    r = recipe(tmp_path, f"  warm_start: {first}", sets=["trial.epochs=10"])
+    counts = warm_start(optuna.create_study(direction="maximize"), r, "s1")
+    # the pruned one records no epochs (nothing to compare), the 30 completed ones ran 3
+    assert counts["told"] == 1 and counts["with another fixed setting (epochs)"] == 30
+
+
 def test_warm_start_from_a_folder_that_is_not_a_sweep(tmp_path):
     import optuna
 
@@ -284,9 +325,10 @@ def test_budgeted_sweep_stops_launching_at_the_budget_and_leaves_a_complete_stor
     assert 2 < len(t) < 1000 and t["trial_id"].is_unique
     assert set(t["status"]) <= {"completed", "pruned", "out_of_budget"}, t["status"].value_counts()
     started = pd.to_datetime(t["started_at"], utc=True).map(lambda x: x.timestamp())
-    assert started.max() <= t0 + 60, "a trial started after the budget was spent"
-    assert wall < 60 + 45, f"the sweep ran {wall:.0f} s on a 60 s budget"  # + Ray start-up before run_sweep, shutdown
-    assert json.loads((storage / "first" / BUDGET_JSON).read_text())["used_s"] >= 60
+    budget = json.loads((storage / "first" / BUDGET_JSON).read_text())
+    assert t0 < budget["deadline"] < t0 + 60 and budget["budget_s"] == 60 and budget["used_s"] >= 60
+    assert started.max() <= budget["deadline"] + 1, "a trial started after the budget was spent"
+    assert wall < 60 + 45, f"the sweep ran {wall:.0f} s on a 60 s budget"  # + CLI import before the clock, shutdown
     done = t[t["status"] == "completed"]
     assert len(done) >= 1 and set(done["trial_id"]) == set(res.predictions["trial_id"].unique())
     cut = t[t["status"] == "out_of_budget"]

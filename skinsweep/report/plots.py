@@ -194,7 +194,7 @@ def asha_curves(out: Path, history, trials, colors: dict, metric: str = "val_auc
         if tid not in status.index:
             continue
         h = h.sort_values("epoch")
-        pruned = status[tid] == "pruned"
+        pruned = status[tid] in ("pruned", "out_of_budget")  # stopped before its last epoch
         c = colors.get(str(backbone[tid]), "grey")
         ax.plot(h["epoch"], h[metric], ls="--" if pruned else "-", color=c, lw=1.0, alpha=0.85)
         if pruned:

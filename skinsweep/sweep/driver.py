@@ -46,16 +46,23 @@ class Budget:
     used_before: float = 0.0
     t_start: float = field(default_factory=time.time)
 
+    saved_at: float = field(default=0.0, repr=False)
+
     @classmethod
-    def start(cls, budget_s: float | None, store_root: Path, resume: bool) -> "Budget":
-        """This run's budget: on ``--resume`` the time earlier runs used (``budget.json``) is already spent."""
-        used = 0.0
+    def start(cls, budget_s: float | None, store_root: Path, resume: bool, t_start: float | None = None) -> "Budget":
+        """This run's budget. On ``--resume`` the time earlier runs used (``budget.json``) is already spent,
+        and a sweep started with a budget keeps it when resumed without one (``budget_s`` None)."""
+        used, recorded = 0.0, None
         if resume and (store_root / BUDGET_JSON).is_file():
             try:
-                used = float(json.loads((store_root / BUDGET_JSON).read_text()).get("used_s") or 0.0)
-            except (OSError, ValueError, AttributeError):
+                rec = json.loads((store_root / BUDGET_JSON).read_text())
+                used, recorded = float(rec.get("used_s") or 0.0), rec.get("budget_s")
+            except (OSError, ValueError, AttributeError, TypeError):
                 used = 0.0  # an unreadable record: count from now rather than refuse to resume
-        return cls(budget_s, used)
+        budget = cls(budget_s if budget_s is not None else recorded, used)
+        if t_start is not None:
+            budget.t_start = t_start
+        return budget
 
     @property
     def deadline(self) -> float | None:
@@ -78,10 +85,16 @@ class Budget:
         return (f"budget {format_duration(used)} of {format_duration(self.budget_s)} used, "
                 f"{format_duration(self.budget_s - used)} left")
 
-    def save(self, store_root: Path) -> None:
+    def save(self, store_root: Path, *, every: float = 0.0) -> None:
+        """Record the budget and the time used so far (what ``--resume`` counts); ``every``: skip if the last
+        save is more recent than that many seconds."""
+        if self.budget_s is None or time.time() - self.saved_at < every:
+            return
         from skinsweep.files import atomic_write_text
 
-        atomic_write_text(store_root / BUDGET_JSON, json.dumps({"budget_s": self.budget_s, "used_s": self.used()}))
+        atomic_write_text(store_root / BUDGET_JSON, json.dumps({"budget_s": self.budget_s, "used_s": self.used(),
+                                                                "deadline": self.deadline}))
+        self.saved_at = time.time()
 
 
 class SweepDriver:
@@ -135,6 +148,7 @@ class SweepDriver:
             self.progress.epoch(trial.trial_id, result[EPOCH_KEY], result.get(self.metric))
             rec = {k: v for k, v in result.items() if k == "epoch" or k.startswith(("train_", "val_"))}
             self.history.setdefault(trial.trial_id, []).append(rec)
+        self.budget.save(self.store.root, every=60)  # a killed driver loses at most a minute of used budget
 
     def recovering(self, trial) -> None:
         self.progress.retrying(trial.trial_id, trial.num_failures + 1, _last_error(trial))
@@ -143,8 +157,7 @@ class SweepDriver:
         status = consolidate_trial(self.store, self.recipe, trial, self.split_file, remote=self.remote,
                                    history=self.history.pop(trial.trial_id, None),
                                    started_at=self.started_at.get(trial.trial_id))
-        if self.budget.budget_s is not None:
-            self.budget.save(self.store.root)
+        self.budget.save(self.store.root)
         df = self.store.trials()
         row = df[df["trial_id"] == trial.trial_id]
         value = row[self.metric].iloc[0] if len(row) and self.metric in row else None
@@ -261,8 +274,10 @@ def _add_from_checkpoint(store, trial_id: str, ckpt, extra: dict, remote: Remote
         os.replace(tmp, dest)  # a reader sees no checkpoint folder or a whole one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    status = _add_trial_folder(store, dest, extra | {"checkpoint": str(dest / "checkpoint.safetensors"),
-                                                     "checkpoint_uri": remote.uri_of(original)})
+    has_model = (dest / "checkpoint.safetensors").is_file()  # none for a trial stopped by the budget
+    status = _add_trial_folder(store, dest, extra | ({"checkpoint": str(dest / "checkpoint.safetensors"),
+                                                      "checkpoint_uri": remote.uri_of(original)} if has_model else
+                                                     {"checkpoint": None}))
     (dest / "predictions.parquet").unlink(missing_ok=True)  # now in the store's predictions/
     return status
 

@@ -38,6 +38,7 @@ from skinsweep.sweep.storage import CHECKPOINTS_DIR, Remote
 
 
 OPTUNA_JOURNAL = "optuna.journal"  # search.study: journal — the Optuna study, next to the results
+BUDGET_KEY = "skinsweep_out_of_budget"  # set in the final report of a trial the time budget stopped
 
 
 @dataclass
@@ -108,7 +109,8 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
         value = res.val.get(metric.removeprefix("val_")) if res.val else None
         worst = float("-inf") if recipe.scheduler.mode == "max" else float("inf")
         final[metric] = worst if value is None or value != value else value  # None or NaN: the worst
-        tune.report(final | {FINAL_KEY: 1, "status_code": 0 if res.status == "completed" else 1} | where,
+        tune.report(final | {FINAL_KEY: 1, "status_code": 0 if res.status == "completed" else 1,
+                             BUDGET_KEY: int(res.status == "out_of_budget")} | where,
                     checkpoint=tune.Checkpoint.from_directory(str(work / "trial")))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -143,6 +145,13 @@ class _Searcher(OptunaSearch):
         if active_driver().budget.spent():
             return Searcher.FINISHED
         return super().suggest(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        # A trial the budget stopped did not finish: Optuna records it as pruned (no value), not as complete
+        # with a partial score; Ray's OptunaSearch does that for a result without the metric.
+        if result and result.get(BUDGET_KEY):
+            result = {k: v for k, v in result.items() if k != self.metric}
+        super().on_trial_complete(trial_id, result, error)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,9 +235,7 @@ def run_sweep(
     place = _prepare_store(recipe, resume=resume, results_dir=results_dir, console=console)
     manifest = _prepare_split(recipe, recipe_path, place)
     store = ResultsStore(place.out_dir)
-    budget = Budget(recipe.search.time_budget if recipe.search else None, t_start=t_wall)
-    if resume and budget.budget_s is not None:
-        budget.used_before = Budget.start(budget.budget_s, place.out_dir, resume=True).used_before
+    budget = Budget.start(recipe.search.time_budget if recipe.search else None, place.out_dir, resume, t_start=t_wall)
     progress = SweepProgress(console, name=recipe.name, total=recipe.num_samples, metric=recipe.scheduler.metric,
                              mode=recipe.scheduler.mode, budget=budget if budget.budget_s is not None else None)
     driver = SweepDriver(store, recipe, str(place.split_file.resolve()), progress, place.remote, budget=budget)
@@ -244,14 +251,14 @@ def run_sweep(
         try:
             grid = _run(tuner, driver, progress)
         except KeyboardInterrupt:
+            budget.save(place.out_dir)
             driver.sync()
             console.print(f"[yellow]interrupted[/]: finished trials are in {place.out_dir}/trials.parquet; continue "
                           f"with `skinsweep sweep {recipe_path} --resume`" + "".join(f" --set {o}" for o in overrides)
                           + (f" --results-dir {place.out_dir}" if results_dir is not None else ""))
             raise SystemExit(130) from None
         _reconcile(store, recipe, grid, place, resume=resume, console=console)
-        if budget.budget_s is not None:
-            budget.save(place.out_dir)
+        budget.save(place.out_dir)
         driver.sync(final=True)
     finally:
         if address is None and not os.environ.get("RAY_ADDRESS"):

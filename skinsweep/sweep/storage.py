@@ -28,7 +28,7 @@ from skinsweep.files import atomic_path, atomic_write_text, read_json
 from skinsweep.results import HISTORY_DIR, PREDICTIONS_DIR, SWEEP_JSON, TRIALS
 
 # The Parquet store's files that the mirror holds (Ray Tune's own state and checkpoints are already there).
-STORE_FILES = ("split.parquet", SWEEP_JSON)
+STORE_FILES = ("split.parquet", SWEEP_JSON, "budget.json", "optuna.journal")  # mirrored and pulled with the store
 PER_TRIAL_DIRS = (PREDICTIONS_DIR, HISTORY_DIR)  # one <trial_id>.parquet per trial in each
 CHECKPOINTS_DIR = "checkpoints"   # local copies of remote checkpoints (what bundles are built from)
 _MIRRORED = ".mirrored.json"      # {relative path: [size, mtime_ns]} of what the last mirror uploaded

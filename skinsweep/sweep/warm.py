@@ -2,8 +2,9 @@
 
 A second sweep then continues where the first stopped: TPE models the earlier results as if it had run
 them. Only trials that are *points of this space* are told: every searched parameter that applies to
-the trial (conditions included) must have a value this space can sample, and the trial must have
-been scored on the same validation split (the metric is only comparable there). Completed trials are
+the trial (conditions included) must have a value this space can sample, every setting this sweep
+fixes (epochs, schedule, tta, ...) must have had the same value, and the trial must have been scored on
+the same validation split (the metric is only comparable there). Completed trials are
 told as finished with their selected epoch's metric; pruned ones as pruned, with the metric at the
 epoch they were stopped (TPE treats them as worse than the completed ones, as Optuna's pruners do);
 failed, diverged and out-of-budget trials are skipped. Everything skipped is counted, with why.
@@ -73,12 +74,51 @@ def point_of(recipe, row) -> dict[str, Any] | None:
             continue  # the parameter does not apply to this trial (its condition is not met)
         value = _value(row, p.name)
         if value is None:
-            return None
+            continue  # null in trials.parquet: the setting did not apply to that trial (e.g. a probe's lr mult)
         try:
             values[p.name] = params[p.optuna_name(k)] = p.variants[k].coerce(value)
         except ValueError:
             return None
     return params
+
+
+def _fixed_mismatch(recipe, params: dict[str, Any], row) -> str | None:
+    """The first setting this sweep fixes that the trial had with another value (e.g. ``epochs``), or None.
+
+    Only settings the store recorded for the trial are compared (a null one did not apply to it); where a
+    trial ran (data path, split file, device) and the seed do not count.
+    """
+    from skinsweep.results.schema import _RENAMED_PARAMS
+    from skinsweep.sweep.space import SWEEP_LEVEL
+
+    searched = {p.name.partition(".")[0] for p in recipe.search.params()}
+    cfg = recipe.trial_config(recipe.params_from_optuna(params), split="-", device="cpu")
+    for name, mine in cfg.model_dump().items():
+        if name in searched or name in SWEEP_LEVEL or name in ("eval_batch_size", "embedding_cache"):
+            continue
+        col = _RENAMED_PARAMS.get(name, name)
+        theirs = _plain(row.get(col)) if col in row.index else None
+        if theirs is None:
+            continue
+        if isinstance(mine, (dict, list)):
+            try:
+                theirs = json.loads(theirs) if isinstance(theirs, str) else theirs
+            except ValueError:
+                return name
+            if name in DICT_FIELDS:  # searched keys of backbone_args are not fixed settings
+                keys = {p.name.partition(".")[2] for p in recipe.search.params() if p.name.startswith(name + ".")}
+                mine = {k: v for k, v in mine.items() if k not in keys}
+                theirs = {k: v for k, v in (theirs or {}).items() if k not in keys}
+        if isinstance(mine, float) or isinstance(theirs, float):
+            try:
+                same = math.isclose(float(mine), float(theirs), rel_tol=1e-9, abs_tol=1e-12)
+            except (TypeError, ValueError):
+                same = False
+        else:
+            same = mine == theirs
+        if not same:
+            return name
+    return None
 
 
 def warm_start(study, recipe, split_hash: str, console=None) -> dict[str, int]:
@@ -111,6 +151,9 @@ def warm_start(study, recipe, split_hash: str, console=None) -> dict[str, int]:
             params = point_of(recipe, row)
             if params is None:
                 counts["outside the space"] += 1
+                continue
+            if (field := _fixed_mismatch(recipe, params, row)) is not None:
+                counts[f"with another fixed setting ({field})"] += 1
                 continue
             if status == "completed":
                 trial = optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},

@@ -180,6 +180,9 @@ def run_trial(
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
+    if deadline is not None and time.time() >= deadline:  # started after the sweep's budget ran out
+        return _out_of_budget_before_start(cfg, trial_id, out, t0)
+
     # ---- 2. data ------------------------------------------------------------------------------
     index = load_index(cfg.data, positive=cfg.positive, skip_bad=cfg.skip_bad, progress=progress)
     manifest, split_path, _ = get_or_create_split(index, split_path=cfg.split, seed=cfg.split_seed)
@@ -361,6 +364,17 @@ def run_trial(
     }
     atomic_write_text(out / SUMMARY, json.dumps(json_safe(summary), indent=2))
     return _result_from_summary(json.loads((out / SUMMARY).read_text()), out)
+
+
+def _out_of_budget_before_start(cfg: TrialConfig, trial_id: str, out: Path, t0: float) -> TrialResult:
+    """The summary of a trial that started after the sweep's time budget ran out: nothing trained."""
+    from skinsweep.files import atomic_write_text, json_safe
+
+    summary = {"trial_id": trial_id, "status": "out_of_budget", "config": cfg.model_dump(), "config_hash": cfg.hash,
+               "select_metric": cfg.select_metric, "best_epoch": None, "epochs_run": 0, "val": {}, "test": {},
+               "history": [], "runtime_s": time.perf_counter() - t0, "versions": versions(), "artefacts": {}}
+    atomic_write_text(out / SUMMARY, json.dumps(json_safe(summary), indent=2))
+    return _result_from_summary(summary, out)
 
 
 def _result_from_summary(s: dict, out: Path) -> TrialResult:
