@@ -154,8 +154,8 @@ def main() -> None:
         print(table.to_string(index=False))
     ratio = total["tpe"] / total["random"]
     print(f"\ncompute to reach random search's best val AUC, TPE+ASHA / random+FIFO: {ratio:.2f} over all seeds "
-          f"(per seed: {', '.join(f'{r:.2f}' for r in table['ratio'])}); {(1 - ratio) * 100:.0f}% less compute "
-          f"(goal ≥ 40%); {int((~table['reached']).sum())} seed(s) where TPE+ASHA never reached it "
+          f"(per seed: {', '.join(f'{r:.2f}' for r in table['ratio'])}); "
+          f"{abs(1 - ratio) * 100:.0f}% {'less' if ratio <= 1 else 'more'} compute (goal: ≥ 40% less); {int((~table['reached']).sum())} seed(s) where TPE+ASHA never reached it "
           f"(counted at its whole compute). Wall time {(time.time() - t0) / 60:.1f} min.")
     if args.out:
         (storage / "bench_search.json").write_text(json.dumps({"rows": rows, "ratio": ratio}, indent=2))
