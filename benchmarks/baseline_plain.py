@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -32,18 +31,19 @@ from skinsweep.data.cache import build_cache
 from skinsweep.data.index import load_index
 from skinsweep.data.split import get_or_create_split
 from skinsweep.metrics import binary_metrics, sigmoid
+from skinsweep.sweep.space import parse_duration
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def minutes(text: str) -> float:
-    """``90s`` / ``60m`` / ``1.5h`` / ``45`` (minutes) → seconds."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use e.g. 90s, 60m or 1.5h")
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "": 60}[m.group(2)]
+def duration(text: str) -> float:
+    """``90s`` / ``60m`` / ``1.5h`` → seconds: the parser of ``skinsweep sweep --budget``."""
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def to_input(u8: np.ndarray, augment: bool, g: torch.Generator | None = None) -> torch.Tensor:
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak of the one-cycle schedule")
     ap.add_argument("--pos-weight", type=float, default=8.0)
-    ap.add_argument("--budget", type=minutes, default=None, help="wall-time cap, e.g. 60m (default: none)")
+    ap.add_argument("--budget", type=duration, default=None, help="wall-time cap, e.g. 60m (default: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()

@@ -59,10 +59,7 @@ class Budget:
                 used, recorded = float(rec.get("used_s") or 0.0), rec.get("budget_s")
             except (OSError, ValueError, AttributeError, TypeError):
                 used = 0.0  # an unreadable record: count from now rather than refuse to resume
-        budget = cls(budget_s if budget_s is not None else recorded, used)
-        if t_start is not None:
-            budget.t_start = t_start
-        return budget
+        return cls(budget_s if budget_s is not None else recorded, used, time.time() if t_start is None else t_start)
 
     @property
     def deadline(self) -> float | None:

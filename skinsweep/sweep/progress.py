@@ -53,7 +53,8 @@ class SweepProgress:
         metric: the reported metric shown per epoch and used for "best so far" (e.g. ``val_auc``).
         mode: ``"max"`` or ``"min"``: which way is better for ``metric``.
         max_rows: rows of the live table; running trials first, then the most recently finished.
-        budget: the sweep's time budget (:class:`skinsweep.sweep.driver.Budget`): used and left are shown.
+        budget: the sweep's time budget (:class:`skinsweep.sweep.driver.Budget`): used and left are shown
+            (nothing when it has none).
     """
 
     def __init__(self, console: Console, *, name: str, total: int, metric: str = "val_auc", mode: str = "max",

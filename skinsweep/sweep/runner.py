@@ -237,7 +237,7 @@ def run_sweep(
     store = ResultsStore(place.out_dir)
     budget = Budget.start(recipe.search.time_budget if recipe.search else None, place.out_dir, resume, t_start=t_wall)
     progress = SweepProgress(console, name=recipe.name, total=recipe.num_samples, metric=recipe.scheduler.metric,
-                             mode=recipe.scheduler.mode, budget=budget if budget.budget_s is not None else None)
+                             mode=recipe.scheduler.mode, budget=budget)
     driver = SweepDriver(store, recipe, str(place.split_file.resolve()), progress, place.remote, budget=budget)
     driver.sync(final=True)  # the split is in storage before any trial needs it
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from skinsweep.errors import ConfigError
+from skinsweep.results.schema import _plain  # a trials.parquet cell as a Python value (NaN → None)
 from skinsweep.sweep.space import DICT_FIELDS
 
 
@@ -41,15 +42,6 @@ def distributions(recipe) -> dict[str, Any]:
 
     return {p.optuna_name(k): v.suggest(_Recorder(), p.optuna_name(k))
             for p in recipe.search.params() for k, v in enumerate(p.variants)}
-
-
-def _plain(x: Any) -> Any:
-    """A trials.parquet cell as a Python value; None for a missing one."""
-    if hasattr(x, "item"):
-        x = x.item()
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return None
-    return x
 
 
 def _value(row, name: str) -> Any:
@@ -88,7 +80,7 @@ def _fixed_mismatch(recipe, params: dict[str, Any], row) -> str | None:
     Only settings the store recorded for the trial are compared (a null one did not apply to it); where a
     trial ran (data path, split file, device) and the seed do not count.
     """
-    from skinsweep.results.schema import _RENAMED_PARAMS
+    from skinsweep.results.schema import _RENAMED_PARAMS  # the column a TrialConfig field is stored in
     from skinsweep.sweep.space import SWEEP_LEVEL
 
     searched = {p.name.partition(".")[0] for p in recipe.search.params()}
