@@ -286,6 +286,11 @@ def sweep(
     from skinsweep.sweep.runner import run_sweep
 
     if budget is not None:
+        from skinsweep.sweep.recipe import load_recipe
+
+        if load_recipe(recipe, set_).search is None:  # else the override would read as a half-written search:
+            raise ConfigError(f"--budget: {recipe} lists fixed trials: (no search:), which all run to their end; "
+                              "a time budget applies to search: recipes")
         set_ = [*set_, f"search.time_budget={budget}"]
     outcome = run_sweep(recipe, overrides=set_, address=address, resume=resume, console=out, results_dir=results_dir)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.counts.items()))

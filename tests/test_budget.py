@@ -350,3 +350,10 @@ def test_budgeted_sweep_stops_launching_at_the_budget_and_leaves_a_complete_stor
         str(storage / "second" / "optuna.journal"))))
     assert len(study.trials) == usable + 2
     assert len(load(storage / "second").trials) == 2
+
+
+def test_budget_on_a_fixed_trials_recipe_is_one_clear_line():
+    run = subprocess.run([sys.executable, "-m", "skinsweep.cli", "sweep", "sweeps/paper.yaml", "--budget", "10m"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode != 0 and "Traceback" not in run.stderr + run.stdout
+    assert "--budget: sweeps/paper.yaml lists fixed trials: (no search:)" in run.stderr + run.stdout
