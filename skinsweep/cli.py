@@ -282,7 +282,7 @@ def sweep(
     budget: Optional[str] = typer.Option(None, "--budget", metavar="DURATION", help="Wall-time budget, e.g. 60m or 8h (= --set search.time_budget=…): no trial starts after it, running trials stop at it; on --resume, the time already used counts."),
 ) -> None:
     """Run a hyperparameter sweep with Ray Tune + Optuna (+ ASHA early stopping); results go to Parquet."""
-    from skinsweep.results import show
+    from skinsweep.results import show, validation_noise
     from skinsweep.sweep.runner import run_sweep
 
     if budget is not None:
@@ -303,6 +303,8 @@ def sweep(
                   f"left {format_duration(max(0.0, outcome.budget_s - outcome.budget_used_s))}"
                   + (" — the budget ended the sweep" if outcome.budget_spent else ""))
     _print_frame(show(outcome.out_dir, top=10), title="best trials by val AUC (test scored once, at the selected epoch)")
+    if noise := validation_noise(outcome.out_dir):
+        out.print(noise)
     out.print(f"query them: skinsweep results show {outcome.out_dir} --where \"mode = 'finetune'\"  |  "
               f"pandas.read_parquet('{outcome.out_dir}/predictions')")
 
@@ -316,9 +318,11 @@ def results_show(
     where: Optional[str] = typer.Option(None, "--where", help="SQL filter, e.g. \"backbone = 'dino_vits16'\"."),
 ) -> None:
     """Print the trials table: top N by a metric, optionally filtered."""
-    from skinsweep.results import show
+    from skinsweep.results import show, validation_noise
 
     _print_frame(show(path, top=top or None, by=by, where=where), title=f"{path} — top {top or 'all'} by {by}")
+    if by == "val_auc" and not where and (noise := validation_noise(path, top=top or 10)):
+        out.print(noise)
 
 
 @results_app.command("query")

@@ -368,6 +368,40 @@ def test_load_reads_predictions_lazily(sweep: Path) -> None:
     assert len(res.predictions) == 64 and res.sweep["name"] == "demo"
 
 
+def test_validation_noise_reads_the_best_trials_stored_val_predictions(sweep: Path) -> None:
+    from skinsweep.ensemble.stats import auc_se
+    from skinsweep.results import validation_noise
+
+    val = ResultsStore(sweep).predictions("t1", split="val")  # t1: the best completed trial by val_auc
+    est = auc_se(val["label"].to_numpy(), val["prob"].to_numpy())
+    line = validation_noise(sweep)
+    assert f"val AUC {est['auc']:.3f}" in line and f"standard error of {est['se']:.3f}" in line
+    assert "(10 images, 2 melanoma)" in line
+    assert "top 4 completed trials span 0.700–0.900" in line  # t4 (pruned) and t5 (failed) are not counted
+    assert f"~{2 * est['se']:.3f}" in line
+    assert "top 2 completed trials span 0.850–0.900" in validation_noise(sweep, top=2)
+
+
+def test_results_show_prints_the_validation_noise_line_only_for_the_val_auc_ranking(sweep: Path) -> None:
+    from typer.testing import CliRunner
+
+    from skinsweep.cli import app
+
+    run = lambda *a: CliRunner().invoke(app, ["results", "show", str(sweep), *a], env={"COLUMNS": "300"})
+    plain, by_ece, filtered = run(), run("--by", "val_ece"), run("--where", "lr < 1e-2")
+    assert plain.exit_code == by_ece.exit_code == filtered.exit_code == 0
+    assert "validation noise: the best trial's val AUC" in plain.output
+    assert "validation noise" not in by_ece.output and "validation noise" not in filtered.output
+
+
+def test_validation_noise_without_completed_trials_is_none(tmp_path: Path) -> None:
+    from skinsweep.results import validation_noise
+
+    store = ResultsStore(tmp_path / "s")
+    store.add_failed("t1", dict(BASE_CONFIG), "boom")
+    assert validation_noise(tmp_path / "s") is None
+
+
 def test_empty_store(tmp_path: Path) -> None:
     store = ResultsStore(tmp_path / "new")
     assert store.trial_ids() == set() and len(store.trials()) == 0 and "val_auc" in store.trials()

@@ -23,6 +23,7 @@ from skinsweep.ensemble.stats import (
     bootstrap_metrics,
     bootstrap_values,
     bootstrap_weights,
+    auc_se,
     delong_test,
     weighted_metrics,
 )
@@ -292,6 +293,16 @@ def test_delong_against_uninformative_model_is_the_single_auc_variance():
     r = delong_test(HAND_Y, HAND_A, np.full(7, 0.3))
     assert r["auc_b"] == 0.5
     assert r["se"] == pytest.approx(math.sqrt(5) / 12, abs=1e-15)
+
+
+def test_auc_se_is_the_single_auc_delong_standard_error():
+    # the same 5/144 variance as above, from the one-model form
+    r = auc_se(HAND_Y, HAND_A)
+    assert r["auc"] == pytest.approx(5 / 6, abs=1e-15)
+    assert r["se"] == pytest.approx(math.sqrt(5) / 12, abs=1e-15)
+    assert (r["n_pos"], r["n_neg"]) == (3, 4)
+    with pytest.raises(ConfigError, match="at least 2 melanoma"):
+        auc_se([1, 0, 0], [0.9, 0.2, 0.1])
 
 
 def _delong_quadratic(y, a, b):

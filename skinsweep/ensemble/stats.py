@@ -366,6 +366,21 @@ def _delong_components(x: np.ndarray, yneg: np.ndarray) -> tuple[np.ndarray, np.
     return auc, v10, v01
 
 
+def auc_se(y_true: Any, prob: Any) -> dict[str, float]:
+    """DeLong standard error of one model's AUC (the diagonal of :func:`delong_test`'s covariance).
+
+    Returns ``auc``, ``se``, ``n_pos``, ``n_neg``. Needs at least 2 images of each class.
+    """
+    y, a = _check_inputs(y_true, prob)
+    pos = y == 1
+    m, n = int(pos.sum()), int((~pos).sum())
+    if m < 2 or n < 2:
+        raise ConfigError(f"auc_se needs at least 2 melanoma and 2 other images, got {m} and {n}")
+    auc, v10, v01 = _delong_components(a[pos][None, :], a[~pos][None, :])
+    var = float(np.var(v10[0], ddof=1) / m + np.var(v01[0], ddof=1) / n)
+    return {"auc": float(auc[0]), "se": math.sqrt(max(var, 0.0)), "n_pos": m, "n_neg": n}
+
+
 def delong_test(y_true: Any, prob_a: Any, prob_b: Any, *, alpha: float = 0.05) -> dict[str, float]:
     """Paired DeLong test of ``AUC(a) - AUC(b)`` for two models scored on the same images.
 

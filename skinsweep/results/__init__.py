@@ -15,9 +15,9 @@ Only the sweep driver writes (through :class:`ResultsStore`, :mod:`.store`); any
 (:mod:`.query`). The columns and their types are defined in :mod:`.schema`.
 """
 
-from skinsweep.results.query import DEFAULT_COLUMNS, SWEEP_JSON, Results, header, load, query, show, sort_ascending
+from skinsweep.results.query import DEFAULT_COLUMNS, SWEEP_JSON, Results, header, load, query, show, sort_ascending, validation_noise
 from skinsweep.results.schema import METRICS, PARAM_TYPES, PREDICTIONS_SCHEMA, QUERY_PREDICTION_COLUMNS, TRIAL_COLUMNS
 from skinsweep.results.store import HISTORY_DIR, PREDICTIONS_DIR, TRIALS, ResultsStore
 
 __all__ = ["DEFAULT_COLUMNS", "METRICS", "PARAM_TYPES", "PREDICTIONS_SCHEMA", "QUERY_PREDICTION_COLUMNS", "Results",
-           "ResultsStore", "TRIAL_COLUMNS", "header", "load", "query", "show", "sort_ascending"]
+           "ResultsStore", "TRIAL_COLUMNS", "header", "load", "query", "show", "sort_ascending", "validation_noise"]

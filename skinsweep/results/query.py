@@ -179,6 +179,35 @@ def show(
     return df
 
 
+def validation_noise(path: str | Path, top: int = 10) -> str | None:
+    """One line on how far apart trials must be on validation AUC before their order means something.
+
+    The DeLong standard error of the best completed trial's validation AUC, from its stored validation
+    predictions, against the spread of the ``top`` completed trials' validation AUCs. None when no
+    completed trial has validation predictions with both classes.
+    """
+    from skinsweep.ensemble.stats import auc_se
+
+    p = _sweep_dir(path)
+    trials = pd.read_parquet(p / TRIALS, columns=["trial_id", "status", "val_auc"])
+    done = trials[(trials["status"] == "completed") & trials["val_auc"].notna()]
+    done = done.sort_values(["val_auc", "trial_id"], ascending=[False, True]).head(top)
+    if done.empty:
+        return None
+    best = str(done["trial_id"].iloc[0])
+    val = ResultsStore(p).predictions(best, split="val")
+    try:
+        est = auc_se(val["label"].to_numpy(), val["prob"].to_numpy())
+    except (ConfigError, KeyError):  # no predictions kept, or one class only: nothing to say
+        return None
+    lo, hi = float(done["val_auc"].min()), float(done["val_auc"].max())
+    spread = (f"the top {len(done)} completed trials span {lo:.3f}–{hi:.3f}" if len(done) > 1
+              else "one completed trial")
+    return (f"validation noise: the best trial's val AUC {est['auc']:.3f} has a DeLong standard error of "
+            f"{est['se']:.3f} ({est['n_pos'] + est['n_neg']:,} images, {est['n_pos']:,} melanoma); {spread}: "
+            f"trials closer than ~{2 * est['se']:.3f} (2 SE) are not told apart by this validation set")
+
+
 def header(path: str | Path) -> str:
     """One line about a sweep: name, trial counts by status, recipe and split hashes."""
     p = _sweep_dir(path)
