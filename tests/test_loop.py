@@ -235,6 +235,13 @@ def test_config_hash_depends_on_split_content_not_its_path(synth_dir, tmp_path):
     assert again.summary["config_hash"] == first.summary["config_hash"] == a.hash
     with pytest.raises(ConfigError, match="already holds a different trial"):
         run_trial(c, tmp_path / "t")
+    # a folder written before the split counted by content recorded the path-based hash: still reused
+    summary = json.loads((tmp_path / "t" / SUMMARY).read_text())
+    assert a.path_hash != a.hash
+    (tmp_path / "t" / SUMMARY).write_text(json.dumps({**summary, "config_hash": a.path_hash}))
+    assert run_trial(a, tmp_path / "t").summary["runtime_s"] == first.summary["runtime_s"]
+    with pytest.raises(ConfigError, match="already holds a different trial"):
+        run_trial(b, tmp_path / "t")  # the old hash named node A's path: node B's copy cannot tell
 
 
 def _plain_and_tta_logits(out, synth_dir, ids, tta):

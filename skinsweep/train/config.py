@@ -75,11 +75,20 @@ class TrialConfig(Strict):
         ``split`` that is not a readable manifest, e.g. not written yet, counts by its path; a trial refuses
         to run on it anyway.)
         """
+        return self._digest(split_by_content=True)
+
+    @property
+    def path_hash(self) -> str:
+        """The hash as skinsweep computed it before it counted the split manifest by content (by its path):
+        what trial folders written then recorded, so that they are still reused (``run_trial``)."""
+        return self._digest(split_by_content=False)
+
+    def _digest(self, *, split_by_content: bool) -> str:
         d = self.model_dump(exclude={"device", "eval_batch_size"})
         for name, default in _ADDED_LATER.items():
             if d[name] == default:
                 del d[name]
-        if d["split"] is not None:
+        if split_by_content and d["split"] is not None:
             from skinsweep.data.split import recorded_hash
 
             content = recorded_hash(d["split"])
