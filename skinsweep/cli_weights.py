@@ -45,8 +45,9 @@ def fetch_cmd(
     for f in fetch_weights(names, to):
         out.print(f"{f.backbone}: {f.repo_id}/{f.file} ({f.size / 2**20:,.1f} MiB) → {f.path}",
                   highlight=False, markup=False, soft_wrap=True)
-    home = to if to is not None else hub_cache_dir().parent
-    out.print(f"copy {home} to the cluster, then: HF_HUB_OFFLINE=1 HF_HOME=<its path there> "
+    # --to DIR is an HF_HOME; without it the files went to this machine's hub cache (HF_HUB_CACHE)
+    folder, var = (to, "HF_HOME") if to is not None else (hub_cache_dir(), "HF_HUB_CACHE")
+    out.print(f"copy {folder} to the cluster, then: HF_HUB_OFFLINE=1 {var}=<its path there> "
               f"skinsweep weights check {' '.join(names)}", highlight=False, markup=False, soft_wrap=True)
 
 

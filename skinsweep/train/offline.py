@@ -167,7 +167,7 @@ def _why(e: BaseException) -> str:
     import huggingface_hub.constants as hf_constants
 
     if hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-        return "HF_HUB_OFFLINE is set"
+        return "HF_HUB_OFFLINE is set: unset it to download"
     cause = e.__cause__ or e.__context__
     return type(e).__name__ + (f" from {type(cause).__name__}" if cause is not None else "")
 
