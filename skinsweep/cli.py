@@ -460,6 +460,10 @@ def _fmt(v) -> str:
     return escape(str(v))
 
 
+from skinsweep.cli_weights import weights_app  # noqa: E402  (after user_errors / out / err, which it uses)
+app.add_typer(weights_app, name="weights")
+
+
 def main() -> None:  # pragma: no cover - console-script entry point
     app()
 

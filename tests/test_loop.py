@@ -210,6 +210,40 @@ def test_new_fields_keep_old_config_hashes(synth_dir):
     assert parse(dict(data="d", backbone="tiny_resnet", epochs=2, label_smoothing=0.1)).hash != old.hash
 
 
+def test_config_hash_depends_on_split_content_not_its_path(synth_dir, tmp_path):
+    """Each node of a cluster reads the sweep's manifest from its own cache folder: the same trial must
+    hash the same there (and be reused, not retrained, from its folder), a different split must not."""
+    import shutil
+
+    from skinsweep.data.index import load_index
+    from skinsweep.data.split import make_split
+
+    index = load_index(synth_dir)
+    node_a = make_split(index, seed=0).save(tmp_path / "node_a" / "cache" / "sweep-x.parquet")
+    node_b = tmp_path / "node_b" / "elsewhere" / "copy.parquet"
+    node_b.parent.mkdir(parents=True)
+    shutil.copy(node_a, node_b)
+    other = make_split(index, seed=7).save(tmp_path / "other.parquet")
+
+    a, b, c = (cfg(synth_dir, epochs=1, split=str(p)) for p in (node_a, node_b, other))
+    assert a.split != b.split and a.hash == b.hash
+    assert c.hash != a.hash
+    assert a.hash != cfg(synth_dir, epochs=1).hash  # an explicit manifest is not the default split
+    first = run_trial(a, tmp_path / "t")
+    again = run_trial(b, tmp_path / "t")  # the other node, its own copy of the manifest
+    assert again.summary["runtime_s"] == first.summary["runtime_s"]  # read back, not retrained
+    assert again.summary["config_hash"] == first.summary["config_hash"] == a.hash
+    with pytest.raises(ConfigError, match="already holds a different trial"):
+        run_trial(c, tmp_path / "t")
+    # a folder written before the split counted by content recorded the path-based hash: still reused
+    summary = json.loads((tmp_path / "t" / SUMMARY).read_text())
+    assert a.path_hash != a.hash
+    (tmp_path / "t" / SUMMARY).write_text(json.dumps({**summary, "config_hash": a.path_hash}))
+    assert run_trial(a, tmp_path / "t").summary["runtime_s"] == first.summary["runtime_s"]
+    with pytest.raises(ConfigError, match="already holds a different trial"):
+        run_trial(b, tmp_path / "t")  # the old hash named node A's path: node B's copy cannot tell
+
+
 def _plain_and_tta_logits(out, synth_dir, ids, tta):
     """The trial's saved model on the cached test images: plain logits and the mean over its TTA views."""
     from skinsweep.data.cache import build_cache

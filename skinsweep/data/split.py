@@ -17,6 +17,7 @@ settings, the dataset's content hash and its own content hash in the Parquet key
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -241,6 +242,27 @@ def default_split_path(index: DatasetIndex, mode: str = "grouped", seed: int = D
     f = "-".join(f"{round(x * 100, 2):g}" for x in check_fractions(fractions))
     pos = "+".join(index.positive)
     return cache_dir() / "splits" / dataset_key(index.root) / f"{mode}-seed{seed}-{f}-{pos}.parquet"
+
+
+def recorded_hash(path: str | Path) -> str | None:
+    """The content hash a manifest file records in its metadata, or None when ``path`` is not a readable
+    manifest. Reads only the Parquet footer (``SplitManifest.load`` checks it against the rows), cached per
+    file version: ``TrialConfig.hash`` asks for it often."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return _recorded_hash(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _recorded_hash(path: str, mtime_ns: int, size: int) -> str | None:
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(_META_KEY)
+        h = json.loads(raw).get("hash") if raw else None
+    except (pa.ArrowInvalid, OSError, ValueError, AttributeError):
+        return None
+    return h if isinstance(h, str) else None
 
 
 def get_or_create_split(index: DatasetIndex, *, split_path: str | Path | None = None, mode: str = "grouped",

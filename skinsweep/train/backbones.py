@@ -55,6 +55,7 @@ __all__ = [
     "Backbone",
     "backbone_from_spec",
     "create_backbone",
+    "hub_name",
     "list_backbones",
     "register_backbone",
     "save_backbone_weights",
@@ -111,22 +112,41 @@ Builder = Callable[..., Backbone]
 
 # name -> (builder, pretrained: has hub weights (default weights="hub") or is a random-init test model)
 _REGISTRY: dict[str, tuple[Builder, bool]] = {}
+# name -> the prefixed name whose hub weights it loads ("timm:resnet18.tv_in1k"), for `skinsweep weights`
+_HUB: dict[str, str] = {}
 
 
-def register_backbone(name: str, *, pretrained: bool = True) -> Callable[[Builder], Builder]:
+def register_backbone(name: str, *, pretrained: bool = True, hub: str | None = None) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(name, *, weights, **overrides) -> Backbone`` under ``name``.
 
     ``pretrained=False`` marks a random-init model: its default weights are ``"none"`` and
-    ``weights="hub"`` is refused.
+    ``weights="hub"`` is refused. ``hub``: the ``timm:``/``open_clip:`` name whose hub weights the
+    builder loads (what ``skinsweep weights fetch`` / ``check`` look for).
     """
 
     def decorator(builder: Builder) -> Builder:
         if name in _REGISTRY or ":" in name:
             raise ValueError(f"backbone name {name!r} is already registered or contains ':'")
         _REGISTRY[name] = (builder, pretrained)
+        if hub:
+            _HUB[name] = hub
         return builder
 
     return decorator
+
+
+def hub_name(name: str) -> str | None:
+    """The ``timm:<arch.tag>`` / ``open_clip:<arch>@<tag>`` name whose hub weights backbone ``name`` loads;
+    None for a random-init test model or a registered backbone that did not say. Unknown names raise."""
+    prefix, _, rest = name.partition(":")
+    if rest and prefix in _PREFIX_BUILDERS:
+        return name
+    if name not in _REGISTRY:
+        raise BackboneError(
+            f"unknown backbone {name!r}{did_you_mean(name, list_backbones(), n=3, cutoff=0.5, lower=True)}; "
+            f"valid names are {short_list(list_backbones(), 20)}, {_PREFIX_HINT}"
+        )
+    return _HUB.get(name)
 
 
 def list_backbones() -> list[str]:
@@ -275,10 +295,10 @@ def _timm_builder(arch: str, **model_defaults: Any) -> Builder:
 for _name, _arch in {"resnet18": "resnet18.tv_in1k", "dino_vits16": "vit_small_patch16_224.dino",
                      "efficientnet_b0": "efficientnet_b0.ra_in1k",
                      "convnext_tiny": "convnext_tiny.in12k_ft_in1k"}.items():
-    register_backbone(_name)(_timm_builder(_arch))
+    register_backbone(_name, hub=f"timm:{_arch}")(_timm_builder(_arch))
 # DINOv2 ViT-S/14 (384): built at 224 (16x16 patches) rather than timm's 518, to share the 224 image
 # cache; timm resamples the position embedding when loading hub weights.
-register_backbone("dinov2_vits14")(_timm_builder("vit_small_patch14_dinov2.lvd142m", img_size=224))
+register_backbone("dinov2_vits14", hub="timm:vit_small_patch14_dinov2.lvd142m")(_timm_builder("vit_small_patch14_dinov2.lvd142m", img_size=224))
 
 
 def _timm_prefixed(name: str, *, weights: str, **overrides: Any) -> Backbone:
@@ -381,14 +401,14 @@ def _open_clip_pretrained(name: str, arch: str, tag: str | None, weights: str,
                           download=lambda: str(download_pretrained(tag_cfg)))
 
 
-@register_backbone("clip_vitb32")
+@register_backbone("clip_vitb32", hub="open_clip:ViT-B-32@openai")
 def clip_vitb32(name: str, *, weights: str, **overrides: Any) -> Backbone:
     """CLIP ViT-B/32 image tower, OpenAI weights (the reference study's CLIP); 512 features.
     Data config: 224, bicubic, centre crop, crop_pct 1.0, CLIP mean/std (open_clip's own)."""
     return _open_clip_pretrained(name, "ViT-B-32", "openai", weights, overrides)
 
 
-@register_backbone("clip_vitl14")
+@register_backbone("clip_vitl14", hub="open_clip:ViT-L-14@openai")
 def clip_vitl14(name: str, *, weights: str, **overrides: Any) -> Backbone:
     """CLIP ViT-L/14 image tower, OpenAI weights; 768 features."""
     return _open_clip_pretrained(name, "ViT-L-14", "openai", weights, overrides)

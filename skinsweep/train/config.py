@@ -68,11 +68,32 @@ class TrialConfig(Strict):
     @property
     def hash(self) -> str:
         """Hash of every setting except where it runs (device); fields added later are left out at their
-        defaults, so trials that ran before they existed keep their hash (trial id, reuse, resume)."""
+        defaults, so trials that ran before they existed keep their hash (trial id, reuse, resume).
+
+        A split manifest counts by its content hash, not its path: each node of a cluster reads the sweep's
+        manifest from its own cache folder, and the same trial must have the same hash on all of them. (A
+        ``split`` that is not a readable manifest, e.g. not written yet, counts by its path; a trial refuses
+        to run on it anyway.)
+        """
+        return self._digest(split_by_content=True)
+
+    @property
+    def path_hash(self) -> str:
+        """The hash as skinsweep computed it before it counted the split manifest by content (by its path):
+        what trial folders written then recorded, so that they are still reused (``run_trial``)."""
+        return self._digest(split_by_content=False)
+
+    def _digest(self, *, split_by_content: bool) -> str:
         d = self.model_dump(exclude={"device", "eval_batch_size"})
         for name, default in _ADDED_LATER.items():
             if d[name] == default:
                 del d[name]
+        if split_by_content and d["split"] is not None:
+            from skinsweep.data.split import recorded_hash
+
+            content = recorded_hash(d["split"])
+            if content is not None:
+                d["split"] = f"manifest:{content}"
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

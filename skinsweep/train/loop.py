@@ -166,7 +166,8 @@ def run_trial(
     existing = out / SUMMARY
     if existing.is_file() and not overwrite:
         old = json.loads(existing.read_text())
-        if old.get("config_hash") == cfg.hash and old.get("status") in ("completed", "diverged"):
+        # path_hash: what folders written before the split counted by content recorded
+        if old.get("config_hash") in (cfg.hash, cfg.path_hash) and old.get("status") in ("completed", "diverged"):
             return _result_from_summary(old, out)  # the same trial already ran: reuse, don't retrain
         raise ConfigError(f"{out} already holds a different trial ({old.get('trial_id')}, config "
                           f"{old.get('config_hash')}); choose another --out or pass --overwrite")
