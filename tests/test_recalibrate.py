@@ -69,6 +69,8 @@ def test_new_bundle_records_parent_and_data(recalibrated, tiny_ensembles, sites)
     parent_dir = tiny_ensembles["stack"] / "bundle"
     parent, child = load_bundle(parent_dir), load_bundle(new)
     assert child.meta["parent"]["hash"] == bundle_hash(parent_dir) == rep["parent_hash"]
+    manifest = json.loads((new / "manifest.json").read_text())
+    assert manifest["parent"]["hash"] == rep["parent_hash"] and manifest["calibrated_on"]["data"] == str(sites[0])
     assert child.meta["parent"]["calibrator"] == parent.meta["calibrator"]
     assert child.meta["calibrated_on"]["data"] == str(sites[0]) and child.meta["calibrated_on"]["method"] == "temperature"
     assert child.meta["calibrator"] != parent.meta["calibrator"] and child.threshold == rep["threshold"]["after"]

@@ -98,11 +98,12 @@ def export_bundle(folder: str | Path, results, members: list[str], combiner, cal
     return folder
 
 
-def write_manifest(folder: str | Path) -> Path:
-    """(Re)write ``manifest.json``: the sha256 of every other file of the bundle."""
+def write_manifest(folder: str | Path, **extra: Any) -> Path:
+    """(Re)write ``manifest.json``: the sha256 of every other file of the bundle, and ``extra`` keys
+    (a recalibrated bundle's ``parent`` hash and ``calibrated_on`` data)."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": FORMAT, "files": {str(p.relative_to(folder)): _sha256(p) for p in files}}
+    manifest = {"format": FORMAT, **extra, "files": {str(p.relative_to(folder)): _sha256(p) for p in files}}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
     return folder / MANIFEST
 

@@ -139,7 +139,8 @@ def recalibrate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *,
     report["plot"] = reliability(out, RELIABILITY_PNG, y, {"before (parent)": before, "after (out-of-fold)": oof},
                                  f"Reliability on {Path(report['data']).name}")
     atomic_write_text(out / RECALIBRATION_JSON, json.dumps(json_safe(report), indent=2))
-    write_manifest(out)
+    write_manifest(out, parent={"path": str(parent), "hash": report["parent_hash"]},
+                   calibrated_on={"data": report["data"], "dataset_hash": sc.index.hash, "split": split})
     load_bundle(out)  # what was written loads and verifies
     return report
 
