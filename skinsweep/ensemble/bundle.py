@@ -135,7 +135,7 @@ def training_record(results, members: list[str], split_hash: str | None) -> tupl
     costs only the record (the bundle still scores images), and evaluate says leakage was not checked.
     """
     from skinsweep.data.split import SplitManifest, get_or_create_split
-    from skinsweep.ensemble.metadata import _trial_value, members_index
+    from skinsweep.ensemble.metadata import members_index, trial_value
     from skinsweep.errors import SkinsweepError
 
     info: dict[str, Any] = {"split_hash": split_hash, "images": None}
@@ -149,7 +149,7 @@ def training_record(results, members: list[str], split_hash: str | None) -> tupl
         elif "split" in trials and trials["split"].notna().any():
             manifest = SplitManifest.load(str(trials["split"].dropna().iloc[0]))
         else:
-            manifest = get_or_create_split(index, seed=int(_trial_value(trials, "split_seed", 0)))[0]
+            manifest = get_or_create_split(index, seed=int(trial_value(trials, "split_seed", 0)))[0]
         if split_hash and manifest.hash != split_hash:
             raise DataError(f"the split found ({manifest.hash}) is not the members' split ({split_hash})")
         df = manifest.df[["image_id", "split", "label"]].merge(index.df[["image_id", "path"]], on="image_id")

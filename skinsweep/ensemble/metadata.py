@@ -43,7 +43,7 @@ from skinsweep.ensemble.estimator import UPGRADES, SkinsweepEstimator, register
 from skinsweep.errors import ConfigError, DataError, first_line, short_list
 
 __all__ = ["METADATA_FEATURES", "MetadataEncoder", "SplitMetadata", "dataset_metadata", "join_metadata", "members_index",
-           "metadata_table", "prepare_metadata", "read_metadata_csv"]
+           "metadata_table", "prepare_metadata", "read_metadata_csv", "trial_value"]
 
 METADATA_FEATURES = ("age", "sex", "site")
 SEXES = ("female", "male", "unknown")
@@ -257,8 +257,8 @@ def members_index(results, members: Sequence[str], data: str | Path | None = Non
     if not Path(root).exists():
         raise DataError(f"{what}: dataset {root} (the sweep's data root) does not exist here; "
                         "pass --data DIR with the same dataset")
-    positive = _trial_value(trials, "positive", ["MEL"])
-    skip_bad = bool(_trial_value(trials, "skip_bad", False))
+    positive = trial_value(trials, "positive", ["MEL"])
+    skip_bad = bool(trial_value(trials, "skip_bad", False))
     index = load_index(root, positive=positive, skip_bad=skip_bad, verify=skip_bad if verify is None else verify)
     expected = set(trials["dataset_hash"].dropna()) if "dataset_hash" in trials else set()
     if expected and index.hash not in expected:
@@ -267,7 +267,8 @@ def members_index(results, members: Sequence[str], data: str | Path | None = Non
     return index
 
 
-def _trial_value(trials: pd.DataFrame, col: str, default: Any) -> Any:
+def trial_value(trials: pd.DataFrame, col: str, default: Any) -> Any:
+    """The first recorded value of setting ``col`` among ``trials`` (JSON lists decoded), else ``default``."""
     if col not in trials or trials[col].isna().all():
         return default
     v = trials[col].dropna().iloc[0]
