@@ -239,6 +239,10 @@ def make_flags(ev: dict, *, prevalence_factor: float = PREVALENCE_FACTOR) -> lis
         flags.append({"kind": "sensitivity", "message": (
             f"sensitivity at the bundle's threshold {format_ci(sens)} is below the {promised['estimate']:.3f} "
             "it promised on its own test split (the CI excludes it)")})
+    if ev["n"].get("metadata_missing"):
+        flags.append({"kind": "metadata", "message": (
+            f"{ev['n']['metadata_missing']:,} of {ev['n']['images']:,} images have none of the patient metadata the "
+            "bundle stacks (age, sex, site); they were scored as unknown")})
     leak = ev["leakage"]
     if not leak["checked"]:
         flags.append({"kind": "leakage_unchecked", "message": leak["note"]})
