@@ -213,3 +213,28 @@ def test_library_errors(tiny_ensembles, site):
 
     with pytest.raises(ConfigError, match="prevalence-factor must be > 1"):
         evaluate_bundle(tiny_ensembles["stack"] / "bundle", site, prevalence_factor=0.5)
+
+
+def test_metadata_bundle_reads_age_sex_site_from_the_data(tiny_sweep, site, tmp_path):
+    import yaml
+
+    from skinsweep.ensemble.build import build_ensemble
+    from skinsweep.ensemble.bundle import load_bundle
+    from skinsweep.ensemble.evaluate import evaluate_bundle
+
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({
+        "name": "meta", "members": {"rule": "best_per_backbone", "backbones": ["tiny_vit", "tiny_clip"]},
+        "combiner": {"type": "stacking", "metadata": ["age", "sex", "site"]}, "report": {"n_boot": 100}}))
+    rep = build_ensemble(tmp_path / "m.yaml", tiny_sweep["results"], out=tmp_path / "ens")
+    ev = evaluate_bundle(rep["bundle"], site, out=tmp_path / "e", n_boot=N_BOOT, page=False)
+    assert ev["n"]["metadata_missing"] == 0 and "metadata" not in [f["kind"] for f in ev["flags"]]
+    preds = pd.read_parquet(tmp_path / "e" / "predictions.parquet")
+    preds = pd.concat([preds[preds["label"] == 1].head(4), preds[preds["label"] == 0].head(4)])
+    paths = [str(site / "ISIC2018_Task3_Training_Input" / f"{i}.jpg") for i in preds["image_id"]]
+    direct = load_bundle(rep["bundle"]).predict(paths, metadata=pd.read_csv(site / "HAM10000_metadata.csv"))
+    np.testing.assert_allclose(direct["calibrated_prob"], preds["calibrated_prob"], atol=1e-9)
+    # the same images as a CSV without metadata: scored as unknown, and said so
+    pd.DataFrame({"path": paths, "label": preds["label"]}).to_csv(tmp_path / "plain.csv", index=False)
+    ev = evaluate_bundle(rep["bundle"], tmp_path / "plain.csv", out=tmp_path / "p", n_boot=N_BOOT, page=False)
+    line = next(f["message"] for f in ev["flags"] if f["kind"] == "metadata")
+    assert line.startswith("8 of 8 images have none of the patient metadata")
