@@ -87,7 +87,7 @@ def test_prevalence_shift_is_flagged_and_scores_match_the_bundle(evaluated, tiny
     rows = preds.head(10)
     paths = [str(site / "ISIC2018_Task3_Training_Input" / f"{i}.jpg") for i in rows["image_id"]]
     direct = load_bundle(tiny_ensembles["stack"] / "bundle").predict(paths)
-    np.testing.assert_allclose(direct["calibrated_prob"], rows["calibrated_prob"], atol=1e-9)
+    np.testing.assert_allclose(direct["calibrated_prob"], rows["calibrated_prob"], atol=1e-5)  # other batches: float32 noise
 
 
 def test_own_test_split_reproduces_the_ensemble_report(tiny_ensembles, tiny_sweep, tmp_path):
@@ -221,18 +221,22 @@ def test_metadata_bundle_reads_age_sex_site_from_the_data(tiny_sweep, site, tmp_
     from skinsweep.ensemble.build import build_ensemble
     from skinsweep.ensemble.bundle import load_bundle
     from skinsweep.ensemble.evaluate import evaluate_bundle
+    from skinsweep.ensemble.metadata import without_metadata
 
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({
         "name": "meta", "members": {"rule": "best_per_backbone", "backbones": ["tiny_vit", "tiny_clip"]},
         "combiner": {"type": "stacking", "metadata": ["age", "sex", "site"]}, "report": {"n_boot": 100}}))
     rep = build_ensemble(tmp_path / "m.yaml", tiny_sweep["results"], out=tmp_path / "ens")
     ev = evaluate_bundle(rep["bundle"], site, out=tmp_path / "e", n_boot=N_BOOT, page=False)
-    assert ev["n"]["metadata_missing"] == 0 and "metadata" not in [f["kind"] for f in ev["flags"]]
+    ham = pd.read_csv(site / "HAM10000_metadata.csv")
+    blank = without_metadata(ham.rename(columns={"localization": "site"}), ["age", "sex", "site"])  # synth: ~0.6%
+    assert ev["n"]["metadata_missing"] == blank.sum()
+    assert ("metadata" in [f["kind"] for f in ev["flags"]]) == bool(blank.any())
     preds = pd.read_parquet(tmp_path / "e" / "predictions.parquet")
     preds = pd.concat([preds[preds["label"] == 1].head(4), preds[preds["label"] == 0].head(4)])
     paths = [str(site / "ISIC2018_Task3_Training_Input" / f"{i}.jpg") for i in preds["image_id"]]
-    direct = load_bundle(rep["bundle"]).predict(paths, metadata=pd.read_csv(site / "HAM10000_metadata.csv"))
-    np.testing.assert_allclose(direct["calibrated_prob"], preds["calibrated_prob"], atol=1e-9)
+    direct = load_bundle(rep["bundle"]).predict(paths, metadata=ham)
+    np.testing.assert_allclose(direct["calibrated_prob"], preds["calibrated_prob"], atol=1e-5)
     # the same images as a CSV without metadata: scored as unknown, and said so
     pd.DataFrame({"path": paths, "label": preds["label"]}).to_csv(tmp_path / "plain.csv", index=False)
     ev = evaluate_bundle(rep["bundle"], tmp_path / "plain.csv", out=tmp_path / "p", n_boot=N_BOOT, page=False)

@@ -101,7 +101,12 @@ def score_dataset(bundle, data: str | Path, *, split: str = "all", positive: Seq
             raise ConfigError(f"{data}: its split has no {split} images; use --split all")
     cols = ["image_id", "lesion_id", "label", "dx", "split", "age", "sex", "site", "path"]
     rows = df[cols].reset_index(drop=True)
-    meta = rows[["image_id", "age", "sex", "site"]] if bundle.metadata_features else None
+    meta = None
+    if bundle.metadata_features:  # DATA's own age / sex / site; an image with none of them has no row
+        from skinsweep.ensemble.metadata import without_metadata
+
+        meta = rows[["image_id", "age", "sex", "site"]]
+        meta = meta[~without_metadata(meta, bundle.metadata_features)]
 
     paths, ids = rows["path"].tolist(), rows["image_id"].tolist()
     X, ens, no_row = [], [], []

@@ -43,7 +43,8 @@ from skinsweep.ensemble.estimator import UPGRADES, SkinsweepEstimator, register
 from skinsweep.errors import ConfigError, DataError, first_line, short_list
 
 __all__ = ["METADATA_FEATURES", "MetadataEncoder", "SplitMetadata", "dataset_metadata", "join_metadata", "members_index",
-           "metadata_table", "prepare_metadata", "read_metadata_csv", "trial_value"]
+           "metadata_table", "prepare_metadata", "read_metadata_csv", "trial_value",
+           "without_metadata"]
 
 METADATA_FEATURES = ("age", "sex", "site")
 SEXES = ("female", "male", "unknown")
@@ -298,6 +299,11 @@ def _missing(values: pd.Series, feature: str) -> np.ndarray:
     return ~np.isfinite(_age(values)) if feature == "age" else _category(values) == UNKNOWN
 
 
+def without_metadata(rows: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
+    """(N,) True where every one of ``features`` is missing in ``rows`` (the build's "no metadata")."""
+    return np.all([_missing(rows[f], f) for f in features], axis=0)
+
+
 def prepare_metadata(features: Sequence[str], results, members: Sequence[str], image_ids: dict[str, Sequence[str]],
                      data: str | Path | None = None) -> SplitMetadata:
     """Join the dataset's metadata onto each split's images; fit the encoder on ``image_ids["val"]``.
@@ -309,7 +315,7 @@ def prepare_metadata(features: Sequence[str], results, members: Sequence[str], i
     table, source = dataset_metadata(results, members, data)
     table = table[features]
     rows = {s: join_metadata(table, ids)[0] for s, ids in image_ids.items()}
-    no_row = {s: np.all([_missing(r[f], f) for f in features], axis=0) for s, r in rows.items()}
+    no_row = {s: without_metadata(r, features) for s, r in rows.items()}
     encoder = MetadataEncoder(features=features).fit(rows["val"], source=f"dataset {source}")
     return SplitMetadata(encoder=encoder, source=source, rows=rows,
                          extra={s: encoder.transform(r) for s, r in rows.items()}, no_row=no_row)

@@ -288,8 +288,11 @@ def bootstrap_metrics(
 
 
 def _logistic_recalibration(z: np.ndarray, y: np.ndarray, w: np.ndarray, *, fix_slope: bool,
-                            iters: int = 60) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted maximum-likelihood fit of ``logit P(y=1) = a + b z`` for each row of weights (Newton).
+                            iters: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted maximum-likelihood fit of ``logit P(y=1) = a + b z`` for each row of weights.
+
+    Newton's method with step halving (the log-likelihood is concave, so each accepted step raises it and
+    the iteration converges from any start), vectorised over the rows of ``w``.
 
     Args:
         z: shape (N,), the model's logits; y: shape (N,), labels; w: shape (B, N), weights per resample.
@@ -297,29 +300,44 @@ def _logistic_recalibration(z: np.ndarray, y: np.ndarray, w: np.ndarray, *, fix_
 
     Returns:
         ``(a, b)``, each shape (B,); NaN where the fit does not exist (one class, or a separable
-        resample, whose Newton steps never settle).
+        resample, whose steps never settle).
     """
-    a, b = np.zeros(w.shape[0]), np.ones(w.shape[0])
     yf = y.astype(np.float64)
+
+    def loglik(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        eta = a[:, None] + b[:, None] * z[None, :]
+        return (w * (yf * eta - np.logaddexp(0.0, eta))).sum(axis=1)
+
+    n, n_pos = w.sum(axis=1), w @ yf
+    if fix_slope:
+        a, b = np.zeros(w.shape[0]), np.ones(w.shape[0])
+    else:  # the intercept-only fit: a sensible, finite start
+        rate = np.clip(n_pos / np.maximum(n, 1e-300), 1e-6, 1 - 1e-6)
+        a, b = np.log(rate) - np.log1p(-rate), np.zeros(w.shape[0])
     step = np.full(w.shape[0], np.inf)
-    for _ in range(iters):
-        mu = expit(a[:, None] + b[:, None] * z[None, :])
-        r, h = w * (yf - mu), w * mu * (1.0 - mu)  # score and Fisher-information terms per image
-        ga, haa = r.sum(axis=1), h.sum(axis=1)
-        if fix_slope:
-            da, db = ga / np.where(haa > 1e-300, haa, np.nan), np.zeros_like(ga)
-        else:
-            gb, hab, hbb = r @ z, h @ z, h @ (z * z)
-            det = haa * hbb - hab ** 2
-            det = np.where(det > 1e-300, det, np.nan)
-            da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
-        # damped steps keep a separable resample from overflowing; it is caught as "never settled"
-        da, db = np.clip(da, -5, 5), np.clip(db, -5, 5)
-        a, b = a + da, b + db
-        step = np.maximum(np.abs(da), np.abs(db))
-        if not np.any(step > 1e-9):  # NaN rows count as settled: nothing more to do for them
-            break
-    ok = np.isfinite(a) & np.isfinite(b) & (step < 1e-6)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(iters):
+            mu = expit(a[:, None] + b[:, None] * z[None, :])
+            r, h = w * (yf - mu), w * mu * (1.0 - mu)  # score and Fisher-information terms per image
+            ga, haa = r.sum(axis=1), h.sum(axis=1)
+            if fix_slope:
+                da, db = ga / haa, np.zeros_like(ga)
+            else:
+                gb, hab, hbb = r @ z, h @ z, h @ (z * z)
+                det = haa * hbb - hab ** 2
+                da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+            da, db = np.where(np.isfinite(da), da, 0.0), np.where(np.isfinite(db), db, 0.0)
+            t, ll0 = np.ones_like(a), loglik(a, b)
+            for _ in range(40):  # halve the step where it would lower the likelihood
+                worse = ~(loglik(a + t * da, b + t * db) >= ll0 - 1e-12 * np.abs(ll0))
+                if not worse.any():
+                    break
+                t = np.where(worse, t / 2, t)
+            a, b = a + t * da, b + t * db
+            step = np.maximum(np.abs(t * da), np.abs(t * db))
+            if not np.any(step > 1e-10):
+                break
+    ok = np.isfinite(a) & np.isfinite(b) & (step < 1e-6) & (n_pos > 0) & (n_pos < n)
     return np.where(ok, a, math.nan), np.where(ok, b, math.nan)
 
 
