@@ -72,7 +72,7 @@ def evaluate(
               f" (promised {format_ci(promised.get('recall'), 'not recorded')}), specificity "
               f"{format_ci(ev['metrics']['ensemble']['specificity'])} (promised "
               f"{format_ci(promised.get('specificity'), 'not recorded')}); calibration slope {format_ci(c['slope'])}, "
-              f"intercept {format_ci(c['intercept'])}", highlight=False)
+              f"intercept {format_ci(c['intercept'])}", highlight=False, soft_wrap=True)
     for f in ev["flags"]:
         out.print(f"[bold yellow]flag:[/] {escape(f['message'])}", highlight=False, soft_wrap=True)
     if not ev["flags"]:

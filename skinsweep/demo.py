@@ -183,17 +183,17 @@ def _site_lines(ens_root: Path) -> None:
     kinds = ", ".join(f["kind"].replace("_", " ") for f in ev["flags"]) or "none"
     console.print(f"second site ({ev['n']['images']:,} images, {ev['prevalence']['here']:.0%} melanoma): dino_clip AUC "
                   f"{format_ci(m['auc'])}, sensitivity {format_ci(m['recall'])}, ECE {format_ci(m['ece'])}; "
-                  f"flags: {kinds}", highlight=False, markup=False)
+                  f"flags: {kinds}", highlight=False, markup=False, soft_wrap=True)
     rc = json.loads((ens_root / "dino_clip-site-b" / "recalibration.json").read_text())
     console.print(f"recalibrated for it ({rc['method']}): ECE {rc['before']['ece']['estimate']:.3f} → "
                   f"{rc['after']['ece']['estimate']:.3f} (out-of-fold), AUC {rc['auc']['before']:.3f} → "
                   f"{rc['auc']['deployed']:.3f}, threshold {rc['threshold']['before']:.3f} → {rc['threshold']['after']:.3f}",
-                  highlight=False, markup=False)
+                  highlight=False, markup=False, soft_wrap=True)
     c = json.loads((ens_root / "comparison.json").read_text())
     d = c["delta"]["auc"]
     console.print(f"compare {c['a']['name']} vs {c['b']['name']} on test: ΔAUC {d['estimate']:+.3f} "
                   f"[{d['lo']:+.3f}, {d['hi']:+.3f}], DeLong p = {c['delong']['p_value']:.3g}, ΔECE "
-                  f"{c['delta']['ece']['estimate']:+.3f}", highlight=False, markup=False)
+                  f"{c['delta']['ece']['estimate']:+.3f}", highlight=False, markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
