@@ -26,7 +26,7 @@ def _shared_cache(tiny_sweep, monkeypatch):
     monkeypatch.setenv("SKINSWEEP_CACHE", str(tiny_sweep["cache"]))
 
 
-def _test_rows(folder, col="calibrated_prob"):
+def _test_rows(folder):
     p = pd.read_parquet(folder / "predictions.parquet")
     return p[p["split"] == "test"].set_index("image_id").sort_index()
 

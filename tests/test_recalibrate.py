@@ -5,6 +5,7 @@ records its parent and data and keeps members and combiner untouched."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -85,8 +86,6 @@ def test_new_bundle_records_parent_and_data(recalibrated, tiny_ensembles, sites)
     d = json.loads((new / "bundle.json").read_text())
     d["threshold"] = 0.5
     (new.parent / "t").mkdir()
-    import shutil
-
     tampered = new.parent / "t" / "b"
     shutil.copytree(new, tampered)
     (tampered / "bundle.json").write_text(json.dumps(d))

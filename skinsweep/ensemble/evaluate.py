@@ -114,7 +114,9 @@ def score_dataset(bundle, data: str | Path, *, split: str = "all", positive: Seq
         task = bar.add_task("scoring", total=len(paths))
         for s in range(0, len(paths), batch):
             x, e, nr = bundle.score(paths[s:s + batch], metadata=meta, image_ids=ids[s:s + batch])
-            X.append(x), ens.append(e), no_row.append(nr)
+            X.append(x)
+            ens.append(e)
+            no_row.append(nr)
             bar.advance(task, len(paths[s:s + batch]))
     X, ens = np.concatenate(X), np.concatenate(ens)
     cal = bundle.calibrator.predict_proba(ens)

@@ -25,7 +25,6 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 
 from skinsweep.errors import ConfigError
