@@ -102,6 +102,10 @@ def data_synth(
     size: str = typer.Option("600x450", "--size", help="Image size WIDTHxHEIGHT (the release is 600x450)."),
     like: Optional[Path] = typer.Option(None, "--like", help="Copy ids, lesions and diagnoses from a real HAM10000_metadata.csv."),
     official: bool = typer.Option(False, "--official", help="Also write Validation and Test folders (for --mode official)."),
+    melanoma_rate: float = typer.Option(0.111, "--melanoma-rate", help="Share of melanoma images (HAM10000: 0.111); "
+                                        "another value makes a prevalence-shifted site."),
+    first_id: int = typer.Option(24306, "--first-id", help="Number of the first image id (ISIC_0024306); give a "
+                                 "second synthetic site other ids, e.g. 100000."),
     workers: Optional[int] = WorkersOpt,
 ) -> None:
     """Write a synthetic dermoscopy dataset in the ISIC 2018 Task 3 layout (with HAM10000 metadata)."""
@@ -111,7 +115,8 @@ def data_synth(
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise ConfigError(f"--size {size!r} is not WIDTHxHEIGHT; use e.g. 600x450") from None
-    s = synthesize(out_dir, n, seed=seed, size=(w, h), like=like, official=official, workers=workers, progress=True)
+    s = synthesize(out_dir, n, seed=seed, size=(w, h), like=like, official=official, workers=workers, progress=True,
+                   melanoma_rate=melanoma_rate, first_id=first_id)
     out.print(f"wrote {s.n_images:,} images ({s.n_melanoma:,} melanoma, {s.n_lesions:,} lesions) to {s.out}")
 
 
@@ -468,5 +473,12 @@ def main() -> None:  # pragma: no cover - console-script entry point
     app()
 
 
+# evaluate, recalibrate and compare live in cli_eval.py (registered on `app` when it is imported)
+import skinsweep.cli_eval  # noqa: E402,F401
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m skinsweep.cli` runs this file as __main__; cli_eval registered its commands on the
+    # imported module skinsweep.cli, so run that module's app.
+    from skinsweep.cli import main as _main
+
+    sys.exit(_main())

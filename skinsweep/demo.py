@@ -6,7 +6,8 @@ Steps: synthesise lesions (ISIC 2018 layout) → index + lesion-grouped split �
 (``skinsweep train``) → a sweep (``sweeps/demo.yaml``: Ray Tune + Optuna + ASHA, tiny backbones, both
 modes) → query its Parquet results → two ensembles (``ensembles/best.yaml``: greedy selection;
 ``ensembles/dino_clip.yaml``: the DINO and CLIP stand-ins stacked), each with its report and bundle →
-score new images with a bundle → the HTML report → a summary.
+score new images with a bundle → a second synthetic site (other seed and ids, 30% melanoma): evaluate the
+dino_clip bundle on it, recalibrate it for it → compare the two ensembles → the HTML report → a summary.
 
 Everything is written under ``--root`` (default ``results/``): the dataset, the cache (via
 ``$SKINSWEEP_CACHE``), the sweep, the ensembles, the report, matplotlib's cache. Ray's session
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=10, help="epochs per sweep trial")
     ap.add_argument("--num-samples", type=int, default=10, help="sweep trials")
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the ensemble reports")
+    ap.add_argument("--site-n", type=int, default=400, help="images of the second synthetic site")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -97,7 +99,23 @@ def main(argv: list[str] | None = None) -> None:
             synthesize(new / "synth", 8, seed=99, size=tuple(int(v) for v in args.size.split("x")), progress=False)
         step("9. score new images with the dino_clip deployment bundle", "predict", str(ens_root / "dino_clip" / "bundle"),
              str(new / "synth" / "ISIC2018_Task3_Training_Input"), "--out", str(ens_root / "new-predictions.csv"))
-        step("10. the HTML report: sweep, models, ensembles, Grad-CAM, error analysis", "report", str(sweep_dir),
+        site = root / "demo" / "site-b"
+        if not (site / "ISIC2018_Task3_Training_GroundTruth").is_dir():
+            step("10. a second site: other lesions, other ids, 30% melanoma", "data", "synth", str(site),
+                 "--n", str(args.site_n), "--seed", "7", "--melanoma-rate", "0.3", "--first-id", "100000",
+                 "--size", args.size)
+        else:
+            console.rule(f"[bold]10. second site already in {site}[/]")
+        step("11. external validation of the dino_clip bundle on the second site", "evaluate",
+             str(ens_root / "dino_clip" / "bundle"), str(site), "--out", str(ens_root / "site-b-evaluation"),
+             "--n-boot", str(args.n_boot))
+        step("12. recalibrate the bundle for the second site (calibrator and threshold only)", "recalibrate",
+             str(ens_root / "dino_clip" / "bundle"), str(site), "--out", str(ens_root / "dino_clip-site-b"),
+             "--n-boot", str(args.n_boot))
+        step("13. compare the two ensembles on test: paired DeLong + bootstrap", "compare", str(ens_root / "dino_clip"),
+             str(ens_root / "best"), "--split", "test", "--out", str(ens_root / "comparison.json"),
+             "--n-boot", str(args.n_boot))
+        step("14. the HTML report: sweep, models, ensembles, Grad-CAM, error analysis", "report", str(sweep_dir),
              "--ensemble", str(ens_root / "dino_clip"), "--ensemble", str(ens_root / "best"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -146,6 +164,7 @@ def _summary(sweep_dir: Path, ens_root: Path, wall: float) -> None:
             te.add_row(name if model == "ensemble" else "", label, *(format_ci(m[k]) for k in ("auc", "ap", "ece")),
                        f"{rep['delong_vs_best']['p_value']:.3g}" if model == "ensemble" else "")
     console.print(te)
+    _site_lines(ens_root)
     report = (sweep_dir / "report" / "index.html").resolve()
     console.print(f"wall time {wall / 60:.1f} min\n"
                   f"report:   {report}  (open it in a browser)\n"
@@ -153,6 +172,28 @@ def _summary(sweep_dir: Path, ens_root: Path, wall: float) -> None:
                   f"scores:   {ens_root / 'new-predictions.csv'} (8 new images)\n"
                   f"sweep:    {sweep_dir}/ (trials.parquet, predictions/, history/) — try: skinsweep results show "
                   f"{sweep_dir} --where \"mode = 'linear_probe'\"", highlight=False, markup=False)
+
+
+def _site_lines(ens_root: Path) -> None:
+    """One line each: the evaluation on the second site, its recalibration, the comparison of the ensembles."""
+    from skinsweep.metrics import format_ci
+
+    ev = json.loads((ens_root / "site-b-evaluation" / "evaluation.json").read_text())
+    m = ev["metrics"]["ensemble"]
+    kinds = ", ".join(f["kind"].replace("_", " ") for f in ev["flags"]) or "none"
+    console.print(f"second site ({ev['n']['images']:,} images, {ev['prevalence']['here']:.0%} melanoma): dino_clip AUC "
+                  f"{format_ci(m['auc'])}, sensitivity {format_ci(m['recall'])}, ECE {format_ci(m['ece'])}; "
+                  f"flags: {kinds}", highlight=False, markup=False, soft_wrap=True)
+    rc = json.loads((ens_root / "dino_clip-site-b" / "recalibration.json").read_text())
+    console.print(f"recalibrated for it ({rc['method']}): ECE {rc['before']['ece']['estimate']:.3f} → "
+                  f"{rc['after']['ece']['estimate']:.3f} (out-of-fold), AUC {rc['auc']['before']:.3f} → "
+                  f"{rc['auc']['deployed']:.3f}, threshold {rc['threshold']['before']:.3f} → {rc['threshold']['after']:.3f}",
+                  highlight=False, markup=False, soft_wrap=True)
+    c = json.loads((ens_root / "comparison.json").read_text())
+    d = c["delta"]["auc"]
+    console.print(f"compare {c['a']['name']} vs {c['b']['name']} on test: ΔAUC {d['estimate']:+.3f} "
+                  f"[{d['lo']:+.3f}, {d['hi']:+.3f}], DeLong p = {c['delong']['p_value']:.3g}, ΔECE "
+                  f"{c['delta']['ece']['estimate']:+.3f}", highlight=False, markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

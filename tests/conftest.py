@@ -143,3 +143,71 @@ def s3(monkeypatch):
     yield pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
                             secret_key="testing", region="us-east-1")
     server.stop()
+
+
+# ---- a tiny sweep (no Ray): the ensemble, evaluate, recalibrate and compare tests share it ---------------
+TINY_MEMBERS = [("tiny_resnet", "finetune", 1e-3), ("tiny_vit", "finetune", 1e-3), ("tiny_clip", "finetune", 1e-3),
+                ("tiny_vit", "linear_probe", 1e-2)]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    """A results store with four completed tiny trials on one synthetic dataset and split (300 images, 96x72,
+    seed 5, ids from ISIC_0024306); ``cache`` is the SKINSWEEP_CACHE the trials used."""
+    import os
+
+    from skinsweep.data.synth import synthesize
+    from skinsweep.results import ResultsStore
+    from skinsweep.train.config import parse_config
+    from skinsweep.train.loop import run_trial
+
+    base = tmp_path_factory.mktemp("ens")
+    os.environ["SKINSWEEP_CACHE"] = str(base / "cache")  # session-scoped: one cache for the fixture's trials
+    data = base / "data"
+    synthesize(data, 300, seed=5, size=(96, 72), workers=1, progress=False)
+    store = ResultsStore(base / "results" / "s")
+    for k, (bb, mode, lr) in enumerate(TINY_MEMBERS):
+        out = base / "trials" / f"t{k}"
+        cfg = parse_config(dict(data=str(data), backbone=bb, mode=mode, lr=lr, epochs=3, batch_size=32,
+                                image_size=32, seed=k))
+        res = run_trial(cfg, out, trial_id=f"t{k}")
+        store.add_trial(res.summary, predictions=out / "predictions.parquet",
+                        extra={"checkpoint": str(out / "checkpoint.safetensors")})
+    return {"data": data, "results": store.root, "cache": base / "cache"}
+
+
+@pytest.fixture(scope="session")
+def tiny_ensembles(tiny_sweep, tmp_path_factory):
+    """Two ensembles of :func:`tiny_sweep`, each with its bundle: ``stack`` (tiny_vit + tiny_clip, stacked, no
+    calibrator: the stacker's own probabilities) and ``mean`` (all four members, mean of probabilities, Platt).
+    Returns {name: folder}. (The tiny members barely discriminate, AUC ~0.55; a calibrator fitted on their 45
+    validation images flattens every probability to the prevalence, which leaves no calibration to test.)"""
+    import os
+
+    import yaml
+
+    from skinsweep.ensemble.build import build_ensemble
+
+    os.environ["SKINSWEEP_CACHE"] = str(tiny_sweep["cache"])
+    base = tmp_path_factory.mktemp("ensembles")
+    recipes = {
+        "stack": {"name": "stack", "members": {"rule": "best_per_backbone", "backbones": ["tiny_vit", "tiny_clip"]},
+                  "calibration": {"method": "none"}, "report": {"n_boot": 200}},
+        "mean": {"name": "mean", "members": {"rule": "top_k", "k": 2}, "combiner": {"type": "mean_prob"},
+                 "calibration": {"method": "platt"}, "report": {"n_boot": 200}},
+    }
+    out = {}
+    for name, body in recipes.items():
+        (base / f"{name}.yaml").write_text(yaml.safe_dump(body))
+        build_ensemble(base / f"{name}.yaml", tiny_sweep["results"], out=base / name)
+        out[name] = base / name
+    return out
+
+
+def synth_site(root: Path, *, n: int = 200, seed: int = 21, melanoma_rate: float = 0.4, first_id: int = 200000) -> Path:
+    """A second synthetic "site" like :func:`tiny_sweep`'s data (96x72) with other lesions, ids and prevalence."""
+    from skinsweep.data.synth import synthesize
+
+    synthesize(root, n, seed=seed, size=(96, 72), melanoma_rate=melanoma_rate, first_id=first_id, workers=1,
+               progress=False)
+    return root

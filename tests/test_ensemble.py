@@ -15,33 +15,12 @@ from PIL import Image
 from skinsweep.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-MEMBERS = [("tiny_resnet", "finetune", 1e-3), ("tiny_vit", "finetune", 1e-3), ("tiny_clip", "finetune", 1e-3),
-           ("tiny_vit", "linear_probe", 1e-2)]
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """A results store with four completed tiny trials on one synthetic dataset and split."""
-    import os
-
-    from skinsweep.data.synth import synthesize
-    from skinsweep.results import ResultsStore
-    from skinsweep.train.config import parse_config
-    from skinsweep.train.loop import run_trial
-
-    base = tmp_path_factory.mktemp("ens")
-    os.environ["SKINSWEEP_CACHE"] = str(base / "cache")  # module-scoped: one cache for the fixture's trials
-    data = base / "data"
-    synthesize(data, 300, seed=5, size=(96, 72), workers=1, progress=False)
-    store = ResultsStore(base / "results" / "s")
-    for k, (bb, mode, lr) in enumerate(MEMBERS):
-        out = base / "trials" / f"t{k}"
-        cfg = parse_config(dict(data=str(data), backbone=bb, mode=mode, lr=lr, epochs=3, batch_size=32,
-                                image_size=32, seed=k))
-        res = run_trial(cfg, out, trial_id=f"t{k}")
-        store.add_trial(res.summary, predictions=out / "predictions.parquet",
-                        extra={"checkpoint": str(out / "checkpoint.safetensors")})
-    return {"data": data, "results": store.root, "cache": base / "cache"}
+def sweep(tiny_sweep):
+    """conftest's session-wide results store of four tiny trials (shared with the evaluate/compare tests)."""
+    return tiny_sweep
 
 
 @pytest.fixture(autouse=True)

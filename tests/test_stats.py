@@ -383,3 +383,29 @@ def test_delong_detects_a_clearly_better_model():
 def test_delong_bad_input(y, a, b, match):
     with pytest.raises(ConfigError, match=match):
         delong_test(y, a, b)
+
+
+# ----------------------------------------------------------------------------- calibration slope / intercept
+
+
+def test_calibration_fit_matches_sklearn_and_covers_the_truth():
+    from scipy.special import expit
+    from sklearn.linear_model import LogisticRegression
+
+    from skinsweep.ensemble.stats import calibration_fit
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, size=600)
+    y = (rng.random(600) < expit(0.6 + 0.7 * z)).astype(int)  # true slope 0.7, predictions too extreme
+    r = calibration_fit(y, expit(z), n_boot=300)
+    lr = LogisticRegression(C=1e10, tol=1e-10, max_iter=10_000).fit(z[:, None], y)
+    assert r["slope"]["estimate"] == pytest.approx(lr.coef_[0, 0], abs=1e-5)
+    a = r["intercept"]["estimate"]  # slope fixed at 1: the score equation sum(y - p) = 0 holds
+    assert abs(np.sum(y - expit(a + z))) < 1e-6
+    assert r["slope"]["lo"] < 0.7 < r["slope"]["hi"] < 1.0  # the CI excludes 1: flagged as miscalibrated
+    rng = np.random.default_rng(7)
+    z = rng.normal(0, 2, size=3000)
+    calibrated = (rng.random(3000) < expit(z)).astype(int)
+    ok = calibration_fit(calibrated, expit(z), n_boot=300, groups=np.arange(3000) // 2)
+    assert ok["slope"]["lo"] < 1.0 < ok["slope"]["hi"] and ok["intercept"]["lo"] < 0.0 < ok["intercept"]["hi"]
+    assert abs(ok["slope"]["estimate"] - 1) < 0.1 and abs(ok["intercept"]["estimate"]) < 0.1

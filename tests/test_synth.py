@@ -345,3 +345,20 @@ def test_refuses_previous_output_with_foreign_files_inside(tmp_path):
     with pytest.raises(DataError, match=r"out: .*my_notes\.txt"):
         make(out, 4)
     assert (out / "ISIC2018_Task3_Training_Input/my_notes.txt").read_text() == "keep me"
+
+
+def test_first_id_and_melanoma_rate_make_another_site(tmp_path):
+    from typer.testing import CliRunner
+
+    from skinsweep.cli import app
+
+    make(tmp_path / "d", 12, seed=3, first_id=100000)
+    ids = sorted(p.stem for p in (tmp_path / "d" / "ISIC2018_Task3_Training_Input").glob("*.jpg"))
+    assert ids == [f"ISIC_{100000 + k:07d}" for k in range(12)]
+    with pytest.raises(ConfigError, match="first_id"):
+        make(tmp_path / "e", 4, first_id=-1)
+    r = CliRunner().invoke(app, ["data", "synth", str(tmp_path / "f"), "--n", "20", "--melanoma-rate", "0.5",
+                                 "--first-id", "7", "--size", "32x24", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert "20 images (10 melanoma" in r.output
+    assert (tmp_path / "f" / "ISIC2018_Task3_Training_Input" / "ISIC_0000007.jpg").is_file()

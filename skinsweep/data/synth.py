@@ -106,7 +106,7 @@ class _Row:
 def synthesize(out: str | Path, n: int | None = None, *, seed: int = 0,
                size: tuple[int, int] = (600, 450), melanoma_rate: float = 0.111,
                like: str | Path | None = None, official: bool = False, workers: int | None = None,
-               progress: bool = True, quality: int = 90) -> SynthSummary:
+               progress: bool = True, quality: int = 90, first_id: int = FIRST_IMAGE_NUMBER) -> SynthSummary:
     """Write ``n`` synthetic dermoscopy images and their label files under ``out``.
 
     Args:
@@ -124,12 +124,17 @@ def synthesize(out: str | Path, n: int | None = None, *, seed: int = 0,
         workers: processes drawing images (default ``os.cpu_count()``).
         progress: show a rich progress bar.
         quality: JPEG quality, 1..95.
+        first_id: number of the first image id (``ISIC_0024306`` by default, as the release). A second
+            synthetic "site" needs other ids, or its images share ids with the first one's (which
+            ``skinsweep evaluate`` reports as leakage). Ignored with ``like``.
 
     Returns:
         A :class:`SynthSummary`. Raises ConfigError for bad arguments and DataError for a bad
         ``like`` file or an ``out`` folder that holds something else.
     """
     width, height, workers = _check_args(n, size, melanoma_rate, workers, quality, seed)
+    if isinstance(first_id, bool) or not isinstance(first_id, (int, np.integer)) or not 0 <= first_id <= 9_999_999 - 10**6:
+        raise ConfigError(f"first_id: expected an integer from 0 to 8999999, got {first_id!r}; e.g. 100000")
     rng = np.random.default_rng([seed, 0])
     if like is not None:
         rows = _plan_like(Path(like), n, rng)
@@ -138,7 +143,7 @@ def synthesize(out: str | Path, n: int | None = None, *, seed: int = 0,
     if official:
         _assign_splits(rows, rng)
     if like is None:  # release ids: consecutive per split, photos of a lesion scattered
-        number = FIRST_IMAGE_NUMBER
+        number = int(first_id)
         for split in SPLIT_DIRS:
             members = [r for r in rows if r.split == split]
             for i in rng.permutation(len(members)):
@@ -148,6 +153,8 @@ def synthesize(out: str | Path, n: int | None = None, *, seed: int = 0,
     _prepare_out(out)
     args = {"n": len(rows), "seed": seed, "size": [width, height], "melanoma_rate": melanoma_rate,
             "like": None if like is None else str(like), "official": official, "quality": quality}
+    if first_id != FIRST_IMAGE_NUMBER:  # the default's marker stays as it was
+        args["first_id"] = int(first_id)
     (out / MARKER).write_text(json.dumps({"complete": False, **args}, indent=1) + "\n")
     _write_labels(out, rows, official)
 

@@ -1,2 +1,4 @@
 """Ensemble stage: recipes, member selection, combiners, calibrators, patient metadata, bootstrap
-statistics, and the deployment bundle that scores new images."""
+statistics, the deployment bundle that scores new images, and what comes after deployment: external
+validation (:mod:`.evaluate`), site recalibration (:mod:`.recalibrate`) and paired comparison
+(:mod:`.compare`)."""

@@ -7,6 +7,10 @@ Layout::
                                      threshold, recipe, split/recipe hashes, library versions
     members/<trial_id>/model.json    the trial's own model description (as written by the trial)
     members/<trial_id>/checkpoint.safetensors
+    training_images.parquet          image_id, split, label, sha256 of every image of the members' split
+                                     manifest (train/val/test; ``calibration`` rows after a recalibration),
+                                     so ``skinsweep evaluate`` can tell when "external" data holds them;
+                                     absent when the dataset was not readable at export (or older bundles)
     manifest.json                    sha256 of every file above
 
 :func:`load_bundle` verifies the manifest first and refuses a tampered or incomplete bundle.
@@ -29,12 +33,13 @@ import numpy as np
 import pandas as pd
 
 from skinsweep.data.index import IMAGE_EXTENSIONS, read_rgb
-from skinsweep.errors import ConfigError, DataError
-from skinsweep.files import atomic_write_text
+from skinsweep.errors import ConfigError, DataError, first_line
+from skinsweep.files import atomic_path, atomic_write_text, json_safe
 from skinsweep.metrics import sigmoid
 
 BUNDLE_JSON = "bundle.json"
 MANIFEST = "manifest.json"
+TRAINING_IMAGES = "training_images.parquet"
 FORMAT = 1
 
 
@@ -46,7 +51,12 @@ def _sha256(path: Path) -> str:
 def export_bundle(folder: str | Path, results, members: list[str], combiner, calibrator, threshold: float,
                   recipe, report: dict, *, metadata=None) -> Path:
     """Write a bundle for ``members`` (trial ids of ``results``) with the fitted combiner/calibrator and,
-    when the combiner stacks patient metadata, the fitted :class:`~skinsweep.ensemble.metadata.MetadataEncoder`."""
+    when the combiner stacks patient metadata, the fitted :class:`~skinsweep.ensemble.metadata.MetadataEncoder`.
+
+    It also records what the bundle was fitted and tested on (``training`` in bundle.json and
+    ``training_images.parquet``) and what it promised on its own test split (``promised``: the ensemble's
+    test metrics with CIs), which ``skinsweep evaluate`` checks new data against.
+    """
     from skinsweep.train.loop import versions
 
     folder = Path(folder)
@@ -66,18 +76,91 @@ def export_bundle(folder: str | Path, results, members: list[str], combiner, cal
         shutil.copy2(ckpt, dst / "checkpoint.safetensors")
         shutil.copy2(model_json, dst / "model.json")
         entries.append({"trial_id": m, "path": f"members/{m}", "model": json.loads(model_json.read_text())})
+    record, training = training_record(results, members, report.get("split_hash"))
+    if record is not None:
+        with atomic_path(folder / TRAINING_IMAGES) as tmp:
+            record.to_parquet(tmp, index=False)
+    n = report.get("n") or {}
+    if record is None and n.get("val"):  # prevalence the calibrator was fitted at, at least
+        training["prevalence"] = {"val": n["val_pos"] / n["val"]}
     meta = {
         "format": FORMAT, "name": recipe.name, "members": entries, "combiner": combiner.to_dict(),
         "metadata": metadata.to_dict() if metadata is not None else None,
         "calibrator": calibrator.to_dict(), "threshold": float(threshold), "threshold_rule": recipe.threshold.kwargs(),
         "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
         "split_hash": report.get("split_hash"), "versions": versions(),
+        "training": training,
+        "promised": {"split": "test", "n": n.get("test"), "n_pos": n.get("test_pos"),
+                     "metrics": (report.get("test") or {}).get("ensemble")},
     }
-    atomic_write_text(folder / BUNDLE_JSON, json.dumps(meta, indent=2))
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    manifest = {"format": FORMAT, "files": {str(p.relative_to(folder)): _sha256(p) for p in files}}
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write_text(folder / BUNDLE_JSON, json.dumps(json_safe(meta), indent=2))
+    write_manifest(folder)
     return folder
+
+
+def write_manifest(folder: str | Path, **extra: Any) -> Path:
+    """(Re)write ``manifest.json``: the sha256 of every other file of the bundle, and ``extra`` keys
+    (a recalibrated bundle's ``parent`` hash and ``calibrated_on`` data)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"format": FORMAT, **extra, "files": {str(p.relative_to(folder)): _sha256(p) for p in files}}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
+    return folder / MANIFEST
+
+
+def bundle_hash(path: str | Path) -> str:
+    """The bundle's identity: sha256 (16 hex) of its manifest, which holds the sha256 of every file."""
+    return _sha256(Path(path) / MANIFEST)[:16]
+
+
+def file_sha256(paths: Sequence[str | Path], *, progress: bool = False, label: str = "hashing images") -> list[str]:
+    """sha256 of each file's bytes (the content hash leakage checks compare)."""
+    from rich.progress import Progress
+
+    out = []
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(label, total=len(paths))
+        for p in paths:
+            out.append(_sha256(Path(p)))
+            bar.advance(task)
+    return out
+
+
+def training_record(results, members: list[str], split_hash: str | None) -> tuple[pd.DataFrame | None, dict]:
+    """(image_id, split, label, sha256 per image of the members' split manifest, or None; bundle.json's
+    ``training`` section: data root, hashes, prevalence per split, or why there is no record).
+
+    The manifest is the sweep's ``split.parquet``, else the members' ``split`` setting, else the default
+    split of their dataset; it must have the members' split hash. A dataset that is not readable here
+    costs only the record (the bundle still scores images), and evaluate says leakage was not checked.
+    """
+    from skinsweep.data.split import SplitManifest, get_or_create_split
+    from skinsweep.ensemble.metadata import members_index, trial_value
+    from skinsweep.errors import SkinsweepError
+
+    info: dict[str, Any] = {"split_hash": split_hash, "images": None}
+    try:
+        index = members_index(results, members, what="training record")
+        info.update(data=str(index.root), dataset_hash=index.hash)
+        trials = results.trials.set_index("trial_id").loc[list(members)]
+        sweep_split = Path(results.path) / "split.parquet"
+        if sweep_split.is_file():
+            manifest = SplitManifest.load(sweep_split)
+        elif "split" in trials and trials["split"].notna().any():
+            manifest = SplitManifest.load(str(trials["split"].dropna().iloc[0]))
+        else:
+            manifest = get_or_create_split(index, seed=int(trial_value(trials, "split_seed", 0)))[0]
+        if split_hash and manifest.hash != split_hash:
+            raise DataError(f"the split found ({manifest.hash}) is not the members' split ({split_hash})")
+        df = manifest.df[["image_id", "split", "label"]].merge(index.df[["image_id", "path"]], on="image_id")
+        df = df.assign(label=df["label"].astype("int8"), sha256=file_sha256(df["path"].tolist())).drop(columns="path")
+    except (SkinsweepError, OSError) as e:  # e.g. the dataset is not mounted where the ensemble is built
+        info["note"] = f"no training record: {first_line(e)}"
+        return None, info
+    info.update(images=TRAINING_IMAGES, n={s: int((df["split"] == s).sum()) for s in ("train", "val", "test")},
+                prevalence={s: float(df.loc[df["split"] == s, "label"].mean()) for s in ("train", "val", "test")
+                            if (df["split"] == s).any()})
+    return df.reset_index(drop=True), info
 
 
 @dataclass
@@ -134,6 +217,14 @@ class Bundle:
                 out[s:s + batch_size, j] = logit.double().numpy()
         return out
 
+    def score(self, images: Sequence, *, tta: bool = False, metadata: pd.DataFrame | None = None,
+              image_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(member logits (N, M), ensemble logits (N,), no_row (N,) or None): :meth:`predict` before the
+        calibrator. ``image_ids`` match ``metadata`` rows (default: each file's stem)."""
+        extra, no_row = self._metadata_features(images, metadata, image_ids)
+        X = self.member_logits(images, tta=tta)
+        return X, self.combiner.predict_logit(X, extra=extra), no_row
+
     def predict(self, images: Sequence, *, tta: bool = False, metadata: pd.DataFrame | None = None) -> pd.DataFrame:
         """Per image: member probabilities, ensemble probability, calibrated probability, decision.
 
@@ -142,18 +233,21 @@ class Bundle:
         HAM10000_metadata.csv), matched to each image by its file stem. Images without a row are scored
         with unknown metadata and marked in the ``metadata_missing`` column.
         """
-        extra, no_row = self._metadata_features(images, metadata)
-        X = self.member_logits(images, tta=tta)
-        ens = self.combiner.predict_logit(X, extra=extra)
+        X, ens, no_row = self.score(images, tta=tta, metadata=metadata)
         cal = self.calibrator.predict_proba(ens)
         df = pd.DataFrame({f"prob_{m}": sigmoid(X[:, j]) for j, m in enumerate(self.member_ids)})
         df.insert(0, "image", [str(i) if isinstance(i, (str, Path)) else f"<image {k}>" for k, i in enumerate(images)])
         df["ensemble_prob"] = sigmoid(ens)
         df["calibrated_prob"] = cal
         df["decision"] = (cal >= self.threshold).astype("int8")
-        if extra is not None:
+        if no_row is not None:
             df["metadata_missing"] = no_row
         return df
+
+    def training_images(self) -> pd.DataFrame | None:
+        """``training_images.parquet`` (image_id, split, label, sha256), or None when the bundle has none."""
+        path = self.path / TRAINING_IMAGES
+        return pd.read_parquet(path) if path.is_file() else None
 
     def check_metadata(self, metadata: pd.DataFrame | None) -> None:
         """Raise ConfigError when the bundle needs metadata and none is given (before any scoring)."""
@@ -163,7 +257,8 @@ class Bundle:
                               f"with the images; pass a table with image_id, {cols} (skinsweep predict --metadata "
                               "meta.csv, as HAM10000_metadata.csv; Bundle.predict(images, metadata=df))")
 
-    def _metadata_features(self, images: Sequence, metadata) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _metadata_features(self, images: Sequence, metadata,
+                           image_ids: Sequence[str] | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(extra (N, F), no_row (N,)) for the stacker, or (None, None) for a bundle without metadata."""
         from skinsweep.ensemble.metadata import join_metadata, metadata_table
 
@@ -172,7 +267,7 @@ class Bundle:
             return None, None
         table = metadata_table(pd.DataFrame(metadata), self.metadata_features, "metadata")
         stems = [Path(i).stem if isinstance(i, (str, Path)) else None for i in images]  # in-memory: no id
-        rows, no_row = join_metadata(table, stems)
+        rows, no_row = join_metadata(table, list(image_ids) if image_ids is not None else stems)
         return self.metadata_encoder.transform(rows), no_row
 
 

@@ -42,8 +42,9 @@ from sklearn.utils.validation import check_is_fitted
 from skinsweep.ensemble.estimator import UPGRADES, SkinsweepEstimator, register
 from skinsweep.errors import ConfigError, DataError, first_line, short_list
 
-__all__ = ["METADATA_FEATURES", "MetadataEncoder", "SplitMetadata", "dataset_metadata", "join_metadata",
-           "metadata_table", "prepare_metadata", "read_metadata_csv"]
+__all__ = ["METADATA_FEATURES", "MetadataEncoder", "SplitMetadata", "dataset_metadata", "join_metadata", "members_index",
+           "metadata_table", "prepare_metadata", "read_metadata_csv", "trial_value",
+           "without_metadata"]
 
 METADATA_FEATURES = ("age", "sex", "site")
 SEXES = ("female", "male", "unknown")
@@ -231,11 +232,20 @@ def join_metadata(table: pd.DataFrame, image_ids: Sequence[str | None]) -> tuple
 # --------------------------------------------------------------------------------------------------
 
 def dataset_metadata(results, members: Sequence[str], data: str | Path | None = None) -> tuple[pd.DataFrame, str]:
-    """(table indexed by image_id with age/sex/site, dataset path) for the dataset ``members`` trained on.
+    """(table indexed by image_id with age/sex/site, dataset path) for the dataset ``members`` trained on
+    (:func:`members_index`)."""
+    index = members_index(results, members, data)
+    return index.df.set_index("image_id")[list(METADATA_FEATURES)], str(index.root)
+
+
+def members_index(results, members: Sequence[str], data: str | Path | None = None, *,
+                  what: str = "combiner.metadata", verify: bool | None = None):
+    """The :class:`~skinsweep.data.index.DatasetIndex` of the dataset ``members`` were trained on.
 
     The root is ``data`` when given, else the members' ``data`` config (trials.parquet), else the
-    sweep.json ``dataset``. The index must match the members' ``dataset_hash``, so metadata of another
-    dataset cannot be joined by accident.
+    sweep.json ``dataset``. The index must match the members' ``dataset_hash``, so data of another
+    dataset cannot be joined by accident. ``what`` starts the error messages; ``verify`` decodes every
+    image (default: only when the sweep dropped bad images, so the same images and hash come out).
     """
     from skinsweep.data.index import load_index
 
@@ -243,23 +253,23 @@ def dataset_metadata(results, members: Sequence[str], data: str | Path | None = 
     roots = sorted(set(trials["data"].dropna().astype(str))) if "data" in trials else []
     root = str(data) if data else (roots[0] if len(roots) == 1 else results.sweep.get("dataset"))
     if not root:
-        raise ConfigError(f"combiner.metadata: cannot tell which dataset the members used "
+        raise ConfigError(f"{what}: cannot tell which dataset the members used "
                           f"({'several: ' + ', '.join(roots) if roots else 'no data root recorded'}); pass --data DIR")
     if not Path(root).exists():
-        raise DataError(f"combiner.metadata: dataset {root} (the sweep's data root) does not exist here; "
+        raise DataError(f"{what}: dataset {root} (the sweep's data root) does not exist here; "
                         "pass --data DIR with the same dataset")
-    positive = _trial_value(trials, "positive", ["MEL"])
-    skip_bad = bool(_trial_value(trials, "skip_bad", False))
-    # verify only when the sweep dropped bad images, so the same images (and hash) come out
-    index = load_index(root, positive=positive, skip_bad=skip_bad, verify=skip_bad)
+    positive = trial_value(trials, "positive", ["MEL"])
+    skip_bad = bool(trial_value(trials, "skip_bad", False))
+    index = load_index(root, positive=positive, skip_bad=skip_bad, verify=skip_bad if verify is None else verify)
     expected = set(trials["dataset_hash"].dropna()) if "dataset_hash" in trials else set()
     if expected and index.hash not in expected:
-        raise DataError(f"combiner.metadata: dataset {root} (hash {index.hash}) is not the dataset the members "
+        raise DataError(f"{what}: dataset {root} (hash {index.hash}) is not the dataset the members "
                         f"were trained on (hash {', '.join(sorted(expected))}); pass --data DIR with that dataset")
-    return index.df.set_index("image_id")[list(METADATA_FEATURES)], root
+    return index
 
 
-def _trial_value(trials: pd.DataFrame, col: str, default: Any) -> Any:
+def trial_value(trials: pd.DataFrame, col: str, default: Any) -> Any:
+    """The first recorded value of setting ``col`` among ``trials`` (JSON lists decoded), else ``default``."""
     if col not in trials or trials[col].isna().all():
         return default
     v = trials[col].dropna().iloc[0]
@@ -289,6 +299,11 @@ def _missing(values: pd.Series, feature: str) -> np.ndarray:
     return ~np.isfinite(_age(values)) if feature == "age" else _category(values) == UNKNOWN
 
 
+def without_metadata(rows: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
+    """(N,) True where every one of ``features`` is missing in ``rows`` (the build's "no metadata")."""
+    return np.all([_missing(rows[f], f) for f in features], axis=0)
+
+
 def prepare_metadata(features: Sequence[str], results, members: Sequence[str], image_ids: dict[str, Sequence[str]],
                      data: str | Path | None = None) -> SplitMetadata:
     """Join the dataset's metadata onto each split's images; fit the encoder on ``image_ids["val"]``.
@@ -300,7 +315,7 @@ def prepare_metadata(features: Sequence[str], results, members: Sequence[str], i
     table, source = dataset_metadata(results, members, data)
     table = table[features]
     rows = {s: join_metadata(table, ids)[0] for s, ids in image_ids.items()}
-    no_row = {s: np.all([_missing(r[f], f) for f in features], axis=0) for s, r in rows.items()}
+    no_row = {s: without_metadata(r, features) for s, r in rows.items()}
     encoder = MetadataEncoder(features=features).fit(rows["val"], source=f"dataset {source}")
     return SplitMetadata(encoder=encoder, source=source, rows=rows,
                          extra={s: encoder.transform(r) for s, r in rows.items()}, no_row=no_row)

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from scipy.special import ndtr, ndtri
+from scipy.special import expit, ndtr, ndtri
 from scipy.stats import rankdata
 
 from skinsweep.ensemble.estimator import check_groups, check_int
@@ -282,6 +282,103 @@ def bootstrap_metrics(
     df.attrs.update(n_boot=int(n_boot), seed=seed, alpha=alpha, spec_for_sens=spec,
                     unit="image" if groups is None else "lesion")
     return df
+
+
+# ----------------------------------------------------------------------------- calibration slope / intercept
+
+
+def _logistic_recalibration(z: np.ndarray, y: np.ndarray, w: np.ndarray, *, fix_slope: bool,
+                            iters: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted maximum-likelihood fit of ``logit P(y=1) = a + b z`` for each row of weights.
+
+    Newton's method with step halving (the log-likelihood is concave, so each accepted step raises it and
+    the iteration converges from any start), vectorised over the rows of ``w``.
+
+    Args:
+        z: shape (N,), the model's logits; y: shape (N,), labels; w: shape (B, N), weights per resample.
+        fix_slope: fit ``a`` only, with ``b = 1`` (``z`` as an offset: calibration-in-the-large).
+
+    Returns:
+        ``(a, b)``, each shape (B,); NaN where the fit does not exist (one class, or a separable
+        resample, whose steps never settle).
+    """
+    yf = y.astype(np.float64)
+
+    def loglik(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        eta = a[:, None] + b[:, None] * z[None, :]
+        return (w * (yf * eta - np.logaddexp(0.0, eta))).sum(axis=1)
+
+    n, n_pos = w.sum(axis=1), w @ yf
+    if fix_slope:
+        a, b = np.zeros(w.shape[0]), np.ones(w.shape[0])
+    else:  # the intercept-only fit: a sensible, finite start
+        rate = np.clip(n_pos / np.maximum(n, 1e-300), 1e-6, 1 - 1e-6)
+        a, b = np.log(rate) - np.log1p(-rate), np.zeros(w.shape[0])
+    step = np.full(w.shape[0], np.inf)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(iters):
+            mu = expit(a[:, None] + b[:, None] * z[None, :])
+            r, h = w * (yf - mu), w * mu * (1.0 - mu)  # score and Fisher-information terms per image
+            ga, haa = r.sum(axis=1), h.sum(axis=1)
+            if fix_slope:
+                da, db = ga / haa, np.zeros_like(ga)
+            else:
+                gb, hab, hbb = r @ z, h @ z, h @ (z * z)
+                det = haa * hbb - hab ** 2
+                da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+            da, db = np.where(np.isfinite(da), da, 0.0), np.where(np.isfinite(db), db, 0.0)
+            t, ll0 = np.ones_like(a), loglik(a, b)
+            for _ in range(40):  # halve the step where it would lower the likelihood
+                worse = ~(loglik(a + t * da, b + t * db) >= ll0 - 1e-12 * np.abs(ll0))
+                if not worse.any():
+                    break
+                t = np.where(worse, t / 2, t)
+            a, b = a + t * da, b + t * db
+            step = np.maximum(np.abs(t * da), np.abs(t * db))
+            if not np.any(step > 1e-10):
+                break
+    ok = np.isfinite(a) & np.isfinite(b) & (step < 1e-6) & (n_pos > 0) & (n_pos < n)
+    return np.where(ok, a, math.nan), np.where(ok, b, math.nan)
+
+
+def calibration_fit(y_true: Any, prob: Any, *, groups: Any = None, n_boot: int = 2000, seed: int = 0,
+                    alpha: float = 0.05) -> dict[str, dict[str, float]]:
+    """Calibration slope and intercept of ``prob`` with percentile bootstrap CIs (by lesion when ``groups``).
+
+    * slope: ``b`` of the logistic recalibration ``logit P(y=1) = a + b logit(prob)`` (ideal 1; below 1:
+      predictions too extreme, above 1: too timid);
+    * intercept: calibration-in-the-large, ``a`` of ``logit P(y=1) = a + logit(prob)`` (slope fixed at 1;
+      ideal 0; positive: the model underestimates melanoma risk here, negative: overestimates it).
+
+    The point estimates are maximum-likelihood fits (the slope equals scikit-learn's unpenalised
+    ``LogisticRegression`` on ``logit(prob)``; tests check it); the CI uses the resamples of
+    :func:`bootstrap_metrics` for the same seed and groups. Probabilities are clipped to [1e-6, 1 - 1e-6].
+
+    Returns:
+        ``{"slope": {"estimate", "lo", "hi"}, "intercept": {...}}`` (NaN where undefined).
+    """
+    y, p = _check_inputs(y_true, prob)
+    g = check_groups(groups, y.shape[0])
+    codes = None if g is None else np.unique(g, return_inverse=True)[1].ravel()
+    check_int("n_boot", n_boot, 100, "a percentile CI needs at least 100 resamples; use 2000")
+    z = np.log(np.clip(p, 1e-6, 1 - 1e-6)) - np.log1p(-np.clip(p, 1e-6, 1 - 1e-6))
+    ones = np.ones((1, y.shape[0]))
+    est = {"intercept": _logistic_recalibration(z, y, ones, fix_slope=True)[0][0],
+           "slope": _logistic_recalibration(z, y, ones, fix_slope=False)[1][0]}
+    rng = np.random.default_rng(seed)
+    vals: dict[str, list[np.ndarray]] = {"slope": [], "intercept": []}
+    chunk = max(1, _CHUNK_ELEMS // y.shape[0])
+    for lo in range(0, n_boot, chunk):
+        w = bootstrap_weights(y.shape[0], min(n_boot, lo + chunk) - lo, rng, codes)
+        vals["intercept"].append(_logistic_recalibration(z, y, w, fix_slope=True)[0])
+        vals["slope"].append(_logistic_recalibration(z, y, w, fix_slope=False)[1])
+    out = {}
+    for k in ("slope", "intercept"):
+        v = np.concatenate(vals[k])
+        v = v[np.isfinite(v)]
+        lo_, hi_ = np.quantile(v, [alpha / 2, 1 - alpha / 2]) if v.size else (math.nan, math.nan)
+        out[k] = {"estimate": float(est[k]), "lo": float(lo_), "hi": float(hi_), "n_boot_valid": int(v.size)}
+    return out
 
 
 # ----------------------------------------------------------------------------- column metrics

@@ -198,11 +198,9 @@ def cells(df: pd.DataFrame) -> list[list[tuple[str, bool, float | None]]]:
     return [[cell(v) for v in row] for row in df.itertuples(index=False, name=None)]
 
 
-def render(data: ReportData, figs: dict) -> str:
-    """The page: ``templates/report.html.j2`` filled with ``data`` and ``figs`` (every value autoescaped)."""
+def environment():
+    """The Jinja2 environment of the report pages (``templates/``): autoescaped, strict, with ``fmt`` and ``cells``."""
     import jinja2
-
-    from skinsweep.train.loop import versions
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("skinsweep.report"),
                              autoescape=jinja2.select_autoescape(["html.j2"]), undefined=jinja2.StrictUndefined,
@@ -210,7 +208,14 @@ def render(data: ReportData, figs: dict) -> str:
     env.filters["fmt"] = fmt
     env.globals["cells"] = cells
     env.globals["min_class_for_auc"] = MIN_CLASS_FOR_AUC
-    return env.get_template("report.html.j2").render(
+    return env
+
+
+def render(data: ReportData, figs: dict) -> str:
+    """The page: ``templates/report.html.j2`` filled with ``data`` and ``figs`` (every value autoescaped)."""
+    from skinsweep.train.loop import versions
+
+    return environment().get_template("report.html.j2").render(
         d=data, figs=figs, img=IMG, tile_width=TILE_WIDTH, versions=versions(),
         generated=f"{dt.datetime.now():%Y-%m-%d %H:%M}")
 

@@ -229,26 +229,37 @@ def training_curves(out: Path, name: str, h, best_epoch) -> str:
     return _save(fig, out / f"curves_{name}.png")
 
 
-def roc_pr(out: Path, y: np.ndarray, probs: dict[str, np.ndarray]) -> str:
-    """ROC and precision-recall curves on test side by side, AUC / AP in the legends."""
+def roc_pr(out: Path, y: np.ndarray, probs: dict[str, np.ndarray], where: str = "test") -> str:
+    """ROC and precision-recall curves on ``where`` side by side, AUC / AP in the legends."""
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.0, 4.0))
     _roc(a1, y, probs)
     _precision_recall(a2, y, probs)
-    a1.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC on test")
-    a2.set(title="Precision–recall on test")
+    a1.set(xlabel="1 − specificity", ylabel="sensitivity", title=f"ROC on {where}")
+    a2.set(title=f"Precision–recall on {where}")
     return _save(fig, out / "roc_pr.png")
 
 
-def reliability_and_confusion(out: Path, name: str, y: np.ndarray, p: np.ndarray, threshold: float) -> str:
-    """Reliability diagram (with ECE) and confusion matrices at 0.5 and at ``threshold``."""
+def reliability_and_confusion(out: Path, name: str, y: np.ndarray, p: np.ndarray, threshold: float,
+                              where: str = "test", chosen: str = "chosen on val") -> str:
+    """Reliability diagram (with ECE) and confusion matrices at 0.5 and at ``threshold`` (``chosen``: where
+    it came from), on the ``where`` images."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.4), gridspec_kw={"width_ratios": [1.25, 1, 1]})
     _reliability(axes[0], y, {"": p})
-    axes[0].set(title="Reliability (test)")
-    for ax, thr, title in ((axes[1], 0.5, "at 0.5"), (axes[2], threshold, f"at {threshold:.3f} (chosen on val)")):
-        _confusion(ax, y, p >= thr, f"Test {title}")
+    axes[0].set(title=f"Reliability ({where})")
+    for ax, thr, title in ((axes[1], 0.5, "at 0.5"), (axes[2], threshold, f"at {threshold:.3f} ({chosen})")):
+        _confusion(ax, y, p >= thr, f"{where[:1].upper() + where[1:]} {title}")
     return _save(fig, out / f"calib_{name}.png")
+
+
+def reliability(out: Path, name: str, y: np.ndarray, probs: dict[str, np.ndarray], title: str) -> str:
+    """Reliability diagram of several probability columns for the same images (e.g. before/after)."""
+    plt = _plt()
+    fig, ax = plt.subplots()
+    _reliability(ax, y, probs)
+    ax.set(title=title)
+    return _save(fig, out / f"{name}.png")
 
 
 def _confusion(ax, y: np.ndarray, flagged: np.ndarray, title: str) -> None:

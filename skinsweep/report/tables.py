@@ -295,14 +295,18 @@ def by_diagnosis(src: Source) -> pd.DataFrame:
                          "mean p(melanoma)": g["mean_prob"]})
 
 
+def age_group(age: pd.Series) -> pd.Series:
+    """Ages in years as :data:`AGE_GROUPS` labels (object dtype; missing stays missing)."""
+    return pd.cut(pd.to_numeric(age, errors="coerce"), [-1, 29, 44, 59, 74, 200], labels=AGE_GROUPS).astype(object)
+
+
 def by_metadata(src: Source, index: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Sensitivity, specificity and AUC per age group, sex and site (those the dataset records)."""
     from sklearn.metrics import roc_auc_score
 
     meta = src.test.merge(index[["image_id", "age", "sex", "site"]], on="image_id", how="left")
     meta["flagged"] = (meta["prob"] >= src.threshold).astype(int)
-    meta["age group"] = pd.cut(pd.to_numeric(meta["age"], errors="coerce"), [-1, 29, 44, 59, 74, 200],
-                               labels=AGE_GROUPS).astype(object)
+    meta["age group"] = age_group(meta["age"])
     out = {}
     for col in ("age group", "sex", "site"):
         vals = meta[col].where(meta[col].notna() & (meta[col].astype(str).str.strip() != ""), "unknown").astype(str)
