@@ -465,16 +465,17 @@ def _fmt(v) -> str:
     return escape(str(v))
 
 
-from skinsweep.cli_weights import weights_app  # noqa: E402  (after user_errors / out / err, which it uses)
+# Commands in their own modules, imported last (they use user_errors / out / err from here): the `weights`
+# sub-app, and evaluate / recalibrate / compare (cli_eval registers them on `app` when imported).
+import skinsweep.cli_eval  # noqa: E402,F401
+from skinsweep.cli_weights import weights_app  # noqa: E402
+
 app.add_typer(weights_app, name="weights")
 
 
 def main() -> None:  # pragma: no cover - console-script entry point
     app()
 
-
-# evaluate, recalibrate and compare live in cli_eval.py (registered on `app` when it is imported)
-import skinsweep.cli_eval  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     # `python -m skinsweep.cli` runs this file as __main__; cli_eval registered its commands on the
