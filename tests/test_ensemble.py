@@ -245,3 +245,18 @@ def test_members_must_share_images_and_split():
     rows = [r | {"split_hash": "h"} for r in rows if not (r["trial_id"] == "b" and r["image_id"] == "i0")]
     with pytest.raises(ConfigError, match="members scored different val images"):
         aligned_logits(pd.DataFrame(rows), ["a", "b"], "val")
+
+
+def test_build_reads_only_the_candidates_prediction_files(sweep, tmp_path):
+    """At scale (issue #14: 2,000 trials) ensemble build must not read every trial's predictions: a
+    corrupt predictions file of a trial that is not a candidate (t0, tiny_resnet) is never opened."""
+    from skinsweep.ensemble.build import build_ensemble
+    from skinsweep.results import ResultsStore
+
+    results = tmp_path / "s"
+    shutil.copytree(sweep["results"], results)
+    (results / "predictions" / "t0.parquet").write_bytes(b"not parquet")
+    with pytest.raises(Exception):  # the file really is unreadable: reading the whole store fails
+        ResultsStore(results).predictions()
+    rep = build_ensemble(recipe(tmp_path), results, out=tmp_path / "out", bundle=False)
+    assert sorted(m["backbone"] for m in rep["members"]) == ["tiny_clip", "tiny_vit"]

@@ -149,6 +149,28 @@ def test_report_overview_tables(report):
     auc = data.trials_table["val_auc"].dropna()
     assert auc.is_monotonic_decreasing and data.trials_table["val_auc"].iloc[-1:].isna().all()  # failed: no AUC, last
     assert data.pruned["trial_id"].tolist() == ["p0"] and data.pruned["pruned_at_epoch"].tolist() == [1]
+    page, _, _ = report  # a small sweep: every trial shown, no "showing … of …" note
+    _, text = _parse(page)
+    assert ">All trials<" in text and "Showing the best" not in text and 'class="hint capped"' not in text
+
+
+def test_report_caps_the_per_trial_tables_and_says_so(sweep, tmp_path):
+    """Issue #14 (2,000 trials): the per-trial tables hold at most ``table_rows`` rows — the trials table
+    the best by val AUC — and the page says how many of how many it shows and where the rest are."""
+    from skinsweep.report.page import build_report
+    from skinsweep.report.tables import report_data
+
+    data = report_data(sweep["results"], table_rows=2, log=lambda m: None)
+    assert len(data.trials) == 5 and data.trials_table["trial_id"].tolist() == \
+        data.trials.sort_values("val_auc", ascending=False)["trial_id"].head(2).tolist()
+    page = build_report(sweep["results"], out=tmp_path / "r", table_rows=2, gradcam=False, log=lambda m: None)
+    _, text = _parse(page)
+    assert ">Best 2 of 5 trials<" in text
+    assert "Showing the best 2 of 5 trials by val AUC; all are in" in text and "trials.parquet" in text
+    rows = text.split('class="sortable"')[1].split("</table>")[0].count("<tr>")
+    assert rows == 1 + 2  # header + 2 trials
+    capped = report_data(sweep["results"], table_rows=0, log=lambda m: None)
+    assert capped.pruned.empty and capped.n_pruned == 1 and capped.failed.empty and capped.n_failed == 1
 
 
 def test_report_ensemble_table_has_cis_and_delong(report):

@@ -483,3 +483,19 @@ def test_history_per_epoch_stored_deduplicated_and_removed(tmp_path):
     store.remove_trials(["t1"])
     assert not (tmp_path / "h" / "history" / "t1.parquet").exists()
     assert set(store.history()["trial_id"]) == {"t2"}
+
+
+def test_history_of_trials_with_different_columns_reads_as_one_frame(tmp_path):
+    """history() reads every file in one Arrow concat (fast at 2,000 trials, issue #14): the same frame as
+    concatenating the files one by one in pandas — columns unified, missing values NaN, trial order."""
+    store = ResultsStore(tmp_path / "h")
+    store.add_trial({"trial_id": "b", "status": "pruned", "history": [
+        {"epoch": 1, "val_auc": 0.6, "val_ap": 0.2}, {"epoch": 2, "val_auc": 0.7, "val_ap": 0.3}]}, predictions=None)
+    store.add_trial({"trial_id": "a", "status": "pruned", "history": [{"epoch": 1, "train_loss": 0.5, "val_auc": 0.6}]},
+                    predictions=None)
+    h = store.history()
+    one_by_one = pd.concat([pd.read_parquet(tmp_path / "h" / "history" / f"{t}.parquet") for t in ("a", "b")],
+                           ignore_index=True)
+    pd.testing.assert_frame_equal(h, one_by_one)
+    assert h.columns.tolist() == ["trial_id", "epoch", "train_loss", "val_auc", "val_ap"]
+    assert h["epoch"].dtype == "int64" and h["val_ap"].isna().tolist() == [True, False, False]

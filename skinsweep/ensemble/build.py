@@ -119,10 +119,12 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     recipe = load_ensemble_recipe(recipe_path, list(overrides))
     res = load(results_dir)
     out = Path(out) if out else Path("ensembles") / recipe.name
-    trials, preds = res.trials, res.predictions
+    trials = res.trials
 
     # ---- 1-2. members, aligned -------------------------------------------------------------------
     candidates = select_candidates(trials, recipe.members)
+    # only the candidates' prediction files are read (e.g. 50 of 2,000 trials), never the whole store
+    preds = res.store.predictions(candidates)
     val_rows, Xv = aligned_logits(preds, candidates, "val")
     test_rows, Xt = aligned_logits(preds, candidates, "test")
     yv, yt = val_rows["label"].to_numpy(int), test_rows["label"].to_numpy(int)

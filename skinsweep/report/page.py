@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from skinsweep.errors import ConfigError, SkinsweepError
-from skinsweep.report.tables import MIN_CLASS_FOR_AUC, ReportData, aligned_prob, is_missing, report_data
+from skinsweep.report.tables import MIN_CLASS_FOR_AUC, TABLE_ROWS, ReportData, aligned_prob, is_missing, report_data
 
 REPORT_HTML = "index.html"
 IMG = "img"
@@ -38,6 +38,7 @@ def build_report(
     target_sensitivity: float = 0.95,
     gallery: int = 4,
     gradcam: bool = True,
+    table_rows: int = TABLE_ROWS,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write the report; returns the path of its ``index.html``.
@@ -50,12 +51,14 @@ def build_report(
         target_sensitivity: the operating point of single models, chosen on validation.
         gallery: images per gallery row (false negatives, false positives; true positives get half).
         gradcam: compute heat maps (needs the trials' checkpoints).
+        table_rows: at most this many rows in each per-trial table (all trials, stopped early, failed);
+            the page says how many it shows of how many (all stay in trials.parquet).
         log: progress messages.
     """
     from skinsweep.files import atomic_write_text
 
     data = report_data(results, ensembles=ensembles, trials=trials, target_sensitivity=target_sensitivity,
-                       gallery=gallery, log=log)  # bad input fails before any write
+                       gallery=gallery, table_rows=table_rows, log=log)  # bad input fails before any write
     out = Path(out) if out else data.results / "report"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; pass a folder for the report")

@@ -21,6 +21,7 @@ from skinsweep.metrics import format_ci
 
 AGE_GROUPS = ["<30", "30–44", "45–59", "60–74", "75+"]
 MIN_CLASS_FOR_AUC = 5  # a metadata group's AUC needs this many melanomas and this many benign lesions
+TABLE_ROWS = 100  # per-trial tables (all trials, stopped early, failed) show at most this many rows; the page says so
 
 
 @dataclass
@@ -84,9 +85,9 @@ class ReportData:
     trials: pd.DataFrame                 # trials.parquet, all of it
     history: pd.DataFrame                # per-epoch metrics of every trial
     counts: dict[str, int]               # trials per status
-    trials_table: pd.DataFrame           # the sortable table of all trials, best val AUC first
-    pruned: pd.DataFrame                 # stopped by ASHA
-    failed: pd.DataFrame                 # with the last line of their error
+    trials_table: pd.DataFrame           # the sortable table of the trials, best val AUC first (≤ table_rows)
+    pruned: pd.DataFrame                 # stopped by ASHA (≤ table_rows, earliest stop first)
+    failed: pd.DataFrame                 # with the last line of their error (≤ table_rows)
     target_sensitivity: float
     selected: list[Selected]
     models: pd.DataFrame | None          # one row of val/test metrics per selected model
@@ -97,17 +98,29 @@ class ReportData:
     gallery: dict[str, pd.DataFrame]     # "fn" / "fp" / "tp" → source test rows (with "path")
     by_dx: pd.DataFrame | None
     by_meta: dict[str, pd.DataFrame]     # "age group" / "sex" / "site" → per-group metrics
+    table_rows: int = TABLE_ROWS         # the cap on the per-trial tables
 
     @property
     def name(self) -> str:
         return self.sweep.get("name") or self.results.name
 
+    @property
+    def n_pruned(self) -> int:
+        """Trials stopped by ASHA (the ``pruned`` table shows at most ``table_rows`` of them)."""
+        return int(self.counts.get("pruned", 0))
+
+    @property
+    def n_failed(self) -> int:
+        return int(self.counts.get("failed", 0))
+
 
 def report_data(results: str | Path, *, ensembles: Sequence[str | Path] = (), trials: Sequence[str] | None = None,
-                target_sensitivity: float = 0.95, gallery: int = 4,
+                target_sensitivity: float = 0.95, gallery: int = 4, table_rows: int = TABLE_ROWS,
                 log: Callable[[str], None] = print) -> ReportData:
     """Load a sweep (and ensembles built from it) and compute every table of its report; bad input raises
-    a one-line :class:`~skinsweep.errors.SkinsweepError`. Arguments as :func:`skinsweep.report.page.build_report`'s."""
+    a one-line :class:`~skinsweep.errors.SkinsweepError`. Arguments as :func:`skinsweep.report.page.build_report`'s;
+    ``table_rows`` caps the per-trial tables (a sweep of thousands of trials would make a page no browser
+    sorts or scrolls usefully; all trials stay in trials.parquet)."""
     from skinsweep.results import load
 
     res = load(results)
@@ -119,16 +132,17 @@ def report_data(results: str | Path, *, ensembles: Sequence[str | Path] = (), tr
     source = _source(ens, selected)
     log(f"report: {len(trials_df)} trials in {res.path}")
     index, index_note = _dataset_index(res.sweep, log)
-    pruned, failed = stopped_and_failed(trials_df)
+    pruned, failed = (t.head(table_rows) for t in stopped_and_failed(trials_df))
     return ReportData(
         results=res.path, sweep=res.sweep, trials=trials_df, history=res.store.history(),
-        counts=trials_df["status"].value_counts().to_dict(), trials_table=trials_table(trials_df),
+        counts=trials_df["status"].value_counts().to_dict(), trials_table=trials_table(trials_df).head(table_rows),
         pruned=pruned, failed=failed, target_sensitivity=target_sensitivity,
         selected=selected, models=model_metrics(selected) if selected else None, ensembles=ens, source=source,
         index=index, index_note=index_note,
         gallery=gallery_rows(source, index, gallery) if source is not None and index is not None else {},
         by_dx=by_diagnosis(source) if source is not None else None,
         by_meta=by_metadata(source, index) if source is not None and index is not None else {},
+        table_rows=table_rows,
     )
 
 

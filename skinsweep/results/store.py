@@ -178,10 +178,13 @@ class ResultsStore:
         """Per-epoch records (``trial_id, epoch, train_loss, val_loss, val_auc, …``) of recorded trials;
         trials recorded without a history (failed before an epoch, or by an older skinsweep) have none."""
         ids = self.trial_ids() if trial_ids is None else set(trial_ids) & self.trial_ids()
-        frames = [pd.read_parquet(f) for t in sorted(ids) if (f := self.root / HISTORY_DIR / f"{t}.parquet").is_file()]
-        if not frames:
+        files = [f for t in sorted(ids) if (f := self.root / HISTORY_DIR / f"{t}.parquet").is_file()]
+        if not files:
             return pd.DataFrame({"trial_id": pd.Series(dtype=str), "epoch": pd.Series(dtype="int64")})
-        return pd.concat(frames, ignore_index=True)
+        # one Arrow concat, one conversion (not a DataFrame per file: 2,000 trials took 3 s that way);
+        # files of trials with other per-epoch columns are unified, the missing values null
+        tables = [pq.read_table(f).replace_schema_metadata(None) for f in files]
+        return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
     def predictions(self, trial_ids: str | Iterable[str] | None = None, split: str | None = None) -> pd.DataFrame:
         """Per-image predictions of the recorded trials, with :data:`PREDICTIONS_SCHEMA` columns.
