@@ -234,3 +234,96 @@ def test_image_cache_on_a_full_disk_is_one_line(isic_dir, monkeypatch):
     with pytest.raises(DataError, match=r"cannot write the image cache .*No space left on device; free space"):
         cache_mod.build_cache(load_index(isic_dir), size=16, workers=1)
     assert not [p.name for p in Path(os.environ["SKINSWEEP_CACHE"]).rglob("*.tmp")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Sweeps (Ray): readers while trials are written; a disk that fills up mid-sweep, then --resume
+# ----------------------------------------------------------------------------------------------------
+
+from test_runner import data, needs_loopback, write_recipe  # noqa: E402,F401 - `data`: the fixture
+
+FAST = ["scheduler.type=none", "trial.epochs=2", "search.points_to_evaluate=[]"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_readers_during_a_sweep_never_fail_or_see_a_partial_file(data, tmp_path):
+    needs_loopback()
+    from skinsweep.sweep.runner import run_sweep
+
+    recipe = write_recipe(tmp_path / "r.yaml", name="read", storage=tmp_path / "res", data=data, n=6)
+    out = tmp_path / "res" / "read"
+    done, errors, reads, sizes = threading.Event(), [], [], []
+
+    def reader() -> None:
+        while not done.is_set():
+            if not (out / "trials.parquet").is_file():  # nothing recorded yet: nothing to read
+                time.sleep(0.05)
+                continue
+            for name, read in (
+                ("show", lambda: show(out, top=None)),
+                ("query", lambda: query(out, "SELECT trial_id, count(*) AS n FROM predictions GROUP BY trial_id")),
+                ("read_parquet trials", lambda: pd.read_parquet(out / "trials.parquet")),
+                ("read_parquet predictions",
+                 lambda: pd.read_parquet(out / "predictions") if (out / "predictions").is_dir() else pd.DataFrame()),
+            ):
+                try:
+                    df = read()
+                    if name == "read_parquet trials":
+                        sizes.append(len(df))
+                    if name == "read_parquet predictions" and len(df):
+                        # whole files only: every trial read has all its rows (same count for every trial)
+                        assert df.groupby("trial_id").size().nunique() == 1, df.groupby("trial_id").size()
+                    reads.append(name)
+                except BaseException as e:  # noqa: BLE001 - counted, the test asserts there are none
+                    errors.append(f"{name}: {type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        outcome = run_sweep(recipe, overrides=FAST)
+    finally:
+        done.set()
+        thread.join(timeout=60)
+    assert outcome.n_trials == 6
+    assert not errors, errors[:5]
+    assert len(reads) >= 20, len(reads)                   # reads really happened during the sweep ...
+    assert len(set(sizes)) >= 3 and max(sizes) == 6      # ... while the store grew
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_disk_full_mid_sweep_stops_with_one_line_then_resume_completes(data, tmp_path, monkeypatch):
+    needs_loopback()
+    import skinsweep.results.store as store_mod
+    from skinsweep.sweep.runner import run_sweep
+
+    recipe = write_recipe(tmp_path / "r.yaml", name="full", storage=tmp_path / "res", data=data, n=4)
+    out = tmp_path / "res" / "full"
+    real, recorded = store_mod.pq.write_table, []
+
+    def write_table(table, where, *a, **k):  # the store's disk fills up once the first trial is recorded
+        if Path(str(where)).is_relative_to(out) and "split" not in Path(str(where)).name:
+            if recorded:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if ".trials.parquet" in str(where):
+                recorded.append(where)
+        return real(table, where, *a, **k)
+
+    monkeypatch.setattr(store_mod.pq, "write_table", write_table)
+    overrides = [*FAST, "resources.max_concurrent_trials=1"]
+    with pytest.raises(DataError) as err:
+        run_sweep(recipe, overrides=overrides)
+    msg = str(err.value)
+    assert "\n" not in msg and "No space left on device" in msg and "free space" in msg
+    assert f"cannot write {out}/" in msg
+    assert f"`skinsweep sweep {recipe} --resume --set scheduler.type=none" in msg
+    first = pq.read_table(out / "trials.parquet")
+    assert first.num_rows == 1 and len(pd.read_parquet(out / "predictions")) > 0  # what was written is intact
+
+    monkeypatch.undo()  # space is back
+    outcome = run_sweep(recipe, overrides=overrides, resume=True)
+    t = pd.read_parquet(out / "trials.parquet")
+    assert outcome.n_trials == 4 and len(t) == 4 and t["trial_id"].is_unique
+    assert first["trial_id"][0].as_py() in set(t["trial_id"])
+    assert set(pd.read_parquet(out / "predictions")["trial_id"]) == set(t.loc[t["status"] == "completed", "trial_id"])
