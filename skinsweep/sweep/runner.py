@@ -250,15 +250,15 @@ def run_sweep(
             driver.preload()
         console.print(f"sweep {recipe.name}: {recipe.num_samples} trials, recipe {recipe.hash}, split {manifest.hash} "
                       f"→ {place.out_dir}" + (f" (mirrored to {place.remote.uri})" if place.remote is not None else ""))
+        # the store cannot be written (disk full, permissions): one line naming the file, the fix and the
+        # command that continues the sweep; everything recorded before is intact
+        resume_cmd = (f"`skinsweep sweep {recipe_path} --resume" + "".join(f" --set {o}" for o in overrides)
+                      + (f" --results-dir {place.out_dir}" if results_dir is not None else "") + "`")
         try:
             grid = _run(tuner, driver, progress)
         except Exception:
             if driver.fatal is None:
                 raise
-            # the store could not be written (disk full, permissions): one line, naming the file, the fix and
-            # the command that continues the sweep; everything recorded before is intact
-            resume_cmd = (f"`skinsweep sweep {recipe_path} --resume" + "".join(f" --set {o}" for o in overrides)
-                          + (f" --results-dir {place.out_dir}" if results_dir is not None else "") + "`")
             raise DataError(driver.fatal.with_command(resume_cmd)) from None
         except KeyboardInterrupt:
             budget.save(place.out_dir)
@@ -267,8 +267,11 @@ def run_sweep(
                           f"with `skinsweep sweep {recipe_path} --resume`" + "".join(f" --set {o}" for o in overrides)
                           + (f" --results-dir {place.out_dir}" if results_dir is not None else ""))
             raise SystemExit(130) from None
-        _reconcile(store, recipe, grid, place, resume=resume, console=console)
-        budget.save(place.out_dir)
+        try:
+            _reconcile(store, recipe, grid, place, resume=resume, console=console)
+            budget.save(place.out_dir)
+        except StoreWriteError as e:
+            raise DataError(e.with_command(resume_cmd)) from None
         driver.sync(final=True)
     finally:
         if address is None and not os.environ.get("RAY_ADDRESS"):
