@@ -48,3 +48,33 @@ def first_line(e: BaseException) -> str:
     """An exception's message in one line (its first), or its type's name when it has none."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class StoreWriteError(DataError):
+    """A results file could not be written (disk full, quota, permissions) while a sweep was recording it.
+
+    Files already written are untouched (every write goes to a temporary file first); ``str()`` says so,
+    names the file, says what to do, and how to continue (``--resume``). ``with_command`` gives the same
+    line with the exact command to continue (what the sweep runner prints).
+    """
+
+    def __init__(self, path, error: BaseException, *, kept=None) -> None:
+        self.path, self.error, self.kept = str(path), error, str(kept) if kept else None
+        super().__init__(self.with_command("`skinsweep sweep RECIPE --resume`"))
+
+    @property
+    def fix(self) -> str:
+        import errno
+
+        code = getattr(self.error, "errno", None)
+        text = str(self.error).lower()
+        if code in (errno.ENOSPC, errno.EDQUOT) or "no space" in text or "quota" in text:
+            return "free space on that disk (or raise the quota)"
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "permission" in text or "read-only" in text:
+            return "make that folder writable again"
+        return "fix that folder (is the disk full, read-only or gone?)"
+
+    def with_command(self, command: str) -> str:
+        why = getattr(self.error, "strerror", None) or first_line(self.error)
+        kept = f"; results already written ({self.kept}) are intact" if self.kept else ""
+        return f"cannot write {self.path} ({why}){kept}; {self.fix}, then continue with {command}"

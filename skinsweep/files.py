@@ -8,7 +8,9 @@ Derived files (split manifests, image and embedding caches) go under the skinswe
 * ``~/.cache/skinsweep``.
 
 On a Ray cluster each node resolves this for itself, so each node builds its own image cache once.
-Every write is atomic: a crash never leaves a half-written file that a reader trips on.
+Every write is atomic: a crash never leaves a half-written file that a reader trips on. A cache entry
+that several processes of a node may need at once (image cache, embeddings, default split manifest) is
+built under :func:`file_lock`: the first process builds it, the others wait, then find it and reuse it.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (POSIX ``flock``) on ``path`` (created, kept) until the block ends.
+
+    Used as "build once per node": check for the finished file, else take the lock, check again (another
+    process may have built it while this one waited), build, release. The lock goes with the process, so a
+    killed builder never leaves it held. Lock files live next to what they guard (a node-local cache).
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:  # closing the file releases the lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

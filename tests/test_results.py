@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from skinsweep.errors import ConfigError, DataError
+from skinsweep.errors import ConfigError, DataError, StoreWriteError
 from skinsweep.results import (
     METRICS,
     PREDICTIONS_SCHEMA,
@@ -297,14 +297,16 @@ def test_crash_while_writing_keeps_previous_trials(sweep: Path, monkeypatch) -> 
 
     monkeypatch.setattr(os, "replace", crashing_replace)
     store = ResultsStore(sweep)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StoreWriteError, match="disk full"):  # one line (skinsweep.errors), not an OSError traceback
         add(store, summary("t7"))
     monkeypatch.setattr(os, "replace", real_replace)
 
     assert pq.read_table(sweep / "trials.parquet").equals(before)
     assert not [p.name for p in sweep.rglob("*.tmp")]
     assert "t7" not in store.trial_ids()
-    assert (sweep / "predictions" / "t7.parquet").is_file()  # predictions land first: an orphan, never a bare row
+    # predictions land first, never a bare row; the failed write took its orphan back (a killed writer leaves it)
+    assert not (sweep / "predictions" / "t7.parquet").exists()
+    (sweep / "predictions" / "t7.parquet").write_bytes((sweep / "predictions" / "t1.parquet").read_bytes())  # killed writer
     assert "t7" not in set(store.predictions()["trial_id"])  # the orphan file is not served
     assert query(sweep, "SELECT count(*) AS n FROM predictions")["n"][0] == 64
     (sweep / ".trials.parquet.999.tmp").write_bytes(b"half")    # as a SIGKILLed writer would leave it

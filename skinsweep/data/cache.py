@@ -22,10 +22,12 @@ Both resize with PIL's bicubic filter (antialiased when shrinking).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -34,8 +36,8 @@ import numpy as np
 from PIL import Image
 
 from skinsweep.data.index import DatasetIndex, map_chunks, read_rgb
-from skinsweep.errors import DataError, short_list
-from skinsweep.files import atomic_write_text, cache_dir, dataset_key
+from skinsweep.errors import DataError, first_line, short_list
+from skinsweep.files import atomic_write_text, cache_dir, dataset_key, file_lock
 
 CACHE_VERSION = 1
 POLICIES = ("squash", "center-crop")
@@ -69,6 +71,7 @@ class ImageCache:
     policy: str
     key: str
     path: Path
+    built: bool = field(default=False, compare=False)  # True when this call built it (not reused it)
 
     def __post_init__(self) -> None:
         self._row = {i: r for r, i in enumerate(self.ids)}
@@ -143,19 +146,53 @@ def build_cache(
     ids = index.df["image_id"].astype(str).tolist()
     shape = (len(ids), size, size, 3)
 
-    if meta_file.is_file() and data_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("ids") == ids and tuple(meta.get("shape", ())) == shape:
-            return ImageCache(np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape), ids, size, policy,
-                              key, data_file)
+    def ready(built: bool) -> ImageCache | None:
+        """The finished cache, when its marker (the .json, written last) says it is complete and current."""
+        if meta_file.is_file() and data_file.is_file():
+            try:
+                meta = json.loads(meta_file.read_text())
+            except (OSError, ValueError):
+                return None
+            if meta.get("ids") == ids and tuple(meta.get("shape", ())) == shape:
+                return ImageCache(np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape), ids, size, policy,
+                                  key, data_file, built)
+        return None
 
+    if (cache := ready(False)) is not None:
+        return cache
+    with contextlib.ExitStack() as stack:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(file_lock(folder / f".{policy}-{size}.lock"))
+        except OSError as e:
+            raise DataError(f"cannot write the image cache in {folder}: {e.strerror}; set SKINSWEEP_CACHE to a "
+                            "writable folder") from None
+        # One process per node builds; the others (trials starting together) wait here and reuse its cache.
+        if (cache := ready(False)) is not None:
+            return cache
+        _build(index, folder, stem, data_file, meta_file, ids, shape, key, size=size, policy=policy,
+               workers=workers, progress=progress)
+    return ready(True)
+
+
+def _build(index: DatasetIndex, folder: Path, stem: str, data_file: Path, meta_file: Path, ids: list[str],
+           shape: tuple, key: str, *, size: int, policy: str, workers: int | None, progress: bool) -> None:
+    """Decode + resize every image into a temporary file, rename it into place, then write the marker."""
+    tmp = folder / f".{stem}.{os.getpid()}.u8.tmp"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{stem}.{os.getpid()}.u8.tmp"
-        np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape).flush()
+        with open(tmp, "wb") as f:
+            # reserve the space now: a full disk is then one ENOSPC here, not a SIGBUS in a decoding worker
+            # writing into a sparse memory-mapped file
+            try:
+                os.posix_fallocate(f.fileno(), 0, int(np.prod(shape)))
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                f.truncate(int(np.prod(shape)))
     except OSError as e:
-        raise DataError(f"cannot write the image cache in {folder}: {e.strerror}; set SKINSWEEP_CACHE to a "
-                        "writable folder") from None
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write the image cache {tmp}: {e.strerror}; free space there or set "
+                        "SKINSWEEP_CACHE to a writable folder with room for it") from None
     try:
         fill = partial(_fill_rows, file=str(tmp), n=len(ids), size=size, policy=policy)
         items = list(enumerate(index.df["path"].astype(str)))
@@ -168,13 +205,15 @@ def build_cache(
                             "they changed since the dataset was checked — re-run `skinsweep data split` "
                             "(add --skip-bad to drop them)")
         os.replace(tmp, data_file)
+        for old in folder.glob(f"{policy}-{size}-*"):  # stale caches of the same settings
+            if old.name not in (data_file.name, meta_file.name):
+                old.unlink(missing_ok=True)
+        atomic_write_text(meta_file, json.dumps({"version": CACHE_VERSION, "key": key, "size": size,
+                                                 "policy": policy, "shape": list(shape), "dataset": str(index.root),
+                                                 "dataset_hash": index.hash, "ids": ids}))
+    except OSError as e:  # disk full or unwritable mid-build (a decoding worker's error arrives the same way)
+        raise DataError(f"cannot write the image cache {data_file}: {e.strerror or first_line(e)}; free space "
+                        "there or set SKINSWEEP_CACHE to a writable folder with room for it, then run again") from None
     finally:
         if tmp.exists():
             tmp.unlink()
-    for old in folder.glob(f"{policy}-{size}-*"):  # stale caches of the same settings
-        if old.name not in (data_file.name, meta_file.name):
-            old.unlink(missing_ok=True)
-    atomic_write_text(meta_file, json.dumps({"version": CACHE_VERSION, "key": key, "size": size, "policy": policy,
-                                             "shape": list(shape), "dataset": str(index.root),
-                                             "dataset_hash": index.hash, "ids": ids}))
-    return ImageCache(np.memmap(data_file, dtype=np.uint8, mode="r", shape=shape), ids, size, policy, key, data_file)

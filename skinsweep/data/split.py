@@ -17,6 +17,7 @@ settings, the dataset's content hash and its own content hash in the Parquet key
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from skinsweep.data.index import DatasetIndex
 from skinsweep.errors import DataError, short_list
-from skinsweep.files import atomic_path, cache_dir, dataset_key
+from skinsweep.files import atomic_path, cache_dir, dataset_key, file_lock
 
 SPLITS = ("train", "val", "test")
 MODES = ("grouped", "image", "official")
@@ -278,14 +279,31 @@ def get_or_create_split(index: DatasetIndex, *, split_path: str | Path | None = 
         m.check_matches(index, split_path)
         return m, Path(split_path), False
     path = default_split_path(index, mode, seed, fractions)
-    if path.is_file():
+    if (m := _reusable(path, index)) is not None:
+        return m, path, False
+    with contextlib.ExitStack() as stack:
         try:
-            m = SplitManifest.load(path)
-            if m.meta.get("dataset_hash") == index.hash:
-                m.check_matches(index, path)
-                return m, path, False
-        except DataError:
-            pass  # stale or damaged default manifest: re-create it below
-    m = make_split(index, mode=mode, fractions=fractions, seed=seed)
-    m.save(path)
+            stack.enter_context(file_lock(path.parent / f".{path.name}.lock"))
+        except OSError as e:
+            raise DataError(f"cannot write split manifest {path}: {e.strerror}; set SKINSWEEP_CACHE to a writable "
+                            "folder") from None
+        # trials of one node starting together: one makes the manifest, the others wait and reuse it
+        if (m := _reusable(path, index)) is not None:
+            return m, path, False
+        m = make_split(index, mode=mode, fractions=fractions, seed=seed)
+        m.save(path)
     return m, path, True
+
+
+def _reusable(path: Path, index: DatasetIndex) -> SplitManifest | None:
+    """The default manifest at ``path`` when it exists and matches the data; None when missing, stale or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        m = SplitManifest.load(path)
+        if m.meta.get("dataset_hash") == index.hash:
+            m.check_matches(index, path)
+            return m
+    except DataError:
+        pass  # stale or damaged default manifest: re-created by the caller
+    return None

@@ -5,11 +5,13 @@ Write rules, so that a reader never trips and a crash never loses a finished tri
 * every file is written to a temporary sibling and renamed over the target (``atomic_path``), so a
   reader sees the old file or the new one, never half of one;
 * ``trials.parquet`` is read-modify-written under an exclusive ``flock`` on ``<dir>/.lock``;
-* a trial's predictions file is written *before* its row: a crash in between leaves a predictions
-  file without a row (ignored by :meth:`ResultsStore.predictions` and :func:`skinsweep.results.query`,
+* a trial's predictions file is written *before* its row: a crash (a killed process; a failed write
+  takes its files back) in between leaves a predictions file without a row (ignored by :meth:`ResultsStore.predictions` and :func:`skinsweep.results.query`,
   deleted by the next write, replaced when the trial is added again on resume), never a row whose
   predictions are missing;
-* adding a trial id that is already present replaces its row and its predictions file.
+* adding a trial id that is already present replaces its row and its predictions file;
+* a write that fails (disk full, quota, revoked permission) raises :class:`~skinsweep.errors.StoreWriteError`
+  (one line naming the file, what to do, and ``--resume``) and leaves every file written before as it was.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from skinsweep.errors import ConfigError, DataError, first_line, short_list
+from skinsweep.errors import ConfigError, DataError, StoreWriteError, first_line, short_list
 from skinsweep.files import atomic_path
 from skinsweep.results.schema import PREDICTIONS_SCHEMA, SPLITS, TRIAL_COLUMNS, append_row, trial_row
 
@@ -105,27 +107,45 @@ class ResultsStore:
         ids = set(trial_ids)
         if not ids or not self.trials_path.is_file():
             return
-        with _locked(self.root / LOCK):
-            old = self._read_trials_table()
-            self._replace_trials(old.filter(pc.invert(pc.is_in(old["trial_id"], value_set=pa.array(sorted(ids))))))
+        try:
+            with _locked(self.root / LOCK):
+                old = self._read_trials_table()
+                self._replace_trials(old.filter(pc.invert(pc.is_in(old["trial_id"],
+                                                                   value_set=pa.array(sorted(ids))))))
+        except OSError as e:
+            raise StoreWriteError(self.trials_path, e, kept=self.trials_path) from None
 
     def _write(self, trial_id: str, row: pa.Table, table: pa.Table | None, history: pa.Table | None) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with _locked(self.root / LOCK):
-            # 1. the per-trial files first (see the module docstring for why this order)
-            for target, content in ((self.predictions_dir / f"{trial_id}.parquet", table),
-                                    (self.root / HISTORY_DIR / f"{trial_id}.parquet", history)):
-                if content is not None:
-                    target.parent.mkdir(exist_ok=True)
-                    with atomic_path(target) as tmp:
-                        pq.write_table(content, tmp)
-                elif target.exists():
-                    target.unlink()
-            # 2. then the row: read, drop the old row with this id, append, rewrite atomically
-            old = self._read_trials_table()
-            if old is not None:
-                old = old.filter(pc.not_equal(old["trial_id"], trial_id))
-            self._replace_trials(append_row(old, row))
+        target, written = self.root / LOCK, []
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with _locked(target):
+                try:
+                    # 1. the per-trial files first (see the module docstring for why this order)
+                    for target, content in ((self.predictions_dir / f"{trial_id}.parquet", table),
+                                            (self.root / HISTORY_DIR / f"{trial_id}.parquet", history)):
+                        if content is not None:
+                            target.parent.mkdir(exist_ok=True)
+                            with atomic_path(target) as tmp:
+                                pq.write_table(content, tmp)
+                            written.append(target)
+                        elif target.exists():
+                            target.unlink()
+                    # 2. then the row: read, drop the old row with this id, append, rewrite atomically
+                    old = self._read_trials_table()
+                    if old is not None:
+                        old = old.filter(pc.not_equal(old["trial_id"], trial_id))
+                    target = self.trials_path
+                    self._replace_trials(append_row(old, row))
+                except OSError:
+                    # a failed write of a new trial: take back its files, so that raw readers of predictions/
+                    # see no rows of a trial trials.parquet lacks (a re-added trial's files stay: its row too)
+                    if trial_id not in set(self._ids_in_order()):
+                        for f in written:
+                            f.unlink(missing_ok=True)
+                    raise
+        except OSError as e:  # disk full, quota, revoked permission: nothing written before is lost
+            raise StoreWriteError(target, e, kept=self.trials_path if self.trials_path.is_file() else None) from None
 
     def _replace_trials(self, table: pa.Table) -> None:
         """Write ``table`` as trials.parquet (atomically; under the lock), then remove what an earlier crashed

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skinsweep.errors import ConfigError, first_line
+from skinsweep.errors import ConfigError, StoreWriteError, first_line
 from skinsweep.sweep.storage import CHECKPOINTS_DIR, Remote
 
 FINAL_KEY = "skinsweep_final"  # set only in a trial's last report (with its checkpoint)
@@ -87,10 +87,14 @@ class Budget:
         save is more recent than that many seconds."""
         if self.budget_s is None or time.time() - self.saved_at < every:
             return
+        from skinsweep.errors import StoreWriteError
         from skinsweep.files import atomic_write_text
 
-        atomic_write_text(store_root / BUDGET_JSON, json.dumps({"budget_s": self.budget_s, "used_s": self.used(),
-                                                                "deadline": self.deadline}))
+        try:
+            atomic_write_text(store_root / BUDGET_JSON, json.dumps({"budget_s": self.budget_s, "used_s": self.used(),
+                                                                    "deadline": self.deadline}))
+        except OSError as e:
+            raise StoreWriteError(store_root / BUDGET_JSON, e) from None
         self.saved_at = time.time()
 
 
@@ -114,6 +118,7 @@ class SweepDriver:
         self.metric = recipe.scheduler.metric
         self.mirror_error: str | None = None
         self.history: dict[str, list[dict]] = {}  # per-epoch results, stored for trials pruned by ASHA
+        self.fatal: StoreWriteError | None = None   # why the sweep had to stop (the store cannot be written)
 
     def __enter__(self) -> "SweepDriver":
         """Receive the Tune events of this process (see :func:`active_driver`) until the block ends."""
@@ -145,16 +150,27 @@ class SweepDriver:
             self.progress.epoch(trial.trial_id, result[EPOCH_KEY], result.get(self.metric))
             rec = {k: v for k, v in result.items() if k == "epoch" or k.startswith(("train_", "val_"))}
             self.history.setdefault(trial.trial_id, []).append(rec)
-        self.budget.save(self.store.root, every=60)  # a killed driver loses at most a minute of used budget
+        try:
+            self.budget.save(self.store.root, every=60)  # a killed driver loses at most a minute of used budget
+        except StoreWriteError as e:
+            self.fatal = e
+            raise
 
     def recovering(self, trial) -> None:
         self.progress.retrying(trial.trial_id, trial.num_failures + 1, _last_error(trial))
 
     def finished(self, trial) -> None:
-        status = consolidate_trial(self.store, self.recipe, trial, self.split_file, remote=self.remote,
-                                   history=self.history.pop(trial.trial_id, None),
-                                   started_at=self.started_at.get(trial.trial_id))
-        self.budget.save(self.store.root)
+        try:
+            status = consolidate_trial(self.store, self.recipe, trial, self.split_file, remote=self.remote,
+                                       history=self.history.pop(trial.trial_id, None),
+                                       started_at=self.started_at.get(trial.trial_id))
+            self.budget.save(self.store.root)
+        except StoreWriteError as e:
+            # The store cannot be written (disk full, permissions): stop the sweep (raising out of Tune's
+            # callback ends Tuner.fit) rather than run trials whose results cannot be kept. run_sweep turns
+            # this into one line; the trial is added again from its checkpoint by --resume.
+            self.fatal = e
+            raise
         df = self.store.trials()
         row = df[df["trial_id"] == trial.trial_id]
         value = row[self.metric].iloc[0] if len(row) and self.metric in row else None

@@ -30,7 +30,7 @@ from ray import tune  # the only module that imports Ray
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from skinsweep.errors import ConfigError, first_line
+from skinsweep.errors import ConfigError, DataError, StoreWriteError, first_line
 from skinsweep.results import SWEEP_JSON
 from skinsweep.sweep.driver import (EPOCH_KEY, FINAL_KEY, POINT_KEY, Budget, SweepDriver, active_driver,
                                     add_if_missing, trial_params)
@@ -74,12 +74,14 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
 
     recipe = SweepRecipe.model_validate_json(recipe_json)
     if split_remote is not None:
-        from skinsweep.files import cache_dir
+        from skinsweep.files import cache_dir, file_lock
         from skinsweep.sweep.storage import fetch
 
         local_split = cache_dir() / "splits" / split_file
         if not local_split.is_file():
-            fetch(*split_remote, local_split)
+            with file_lock(local_split.with_name(f".{local_split.name}.lock")):  # one fetch per node
+                if not local_split.is_file():
+                    fetch(*split_remote, local_split)
         split_file = str(local_split)
     cfg = recipe.trial_config(trial_params(recipe, params), split=split_file)
     trial_id = tune.get_context().get_trial_id()
@@ -248,8 +250,16 @@ def run_sweep(
             driver.preload()
         console.print(f"sweep {recipe.name}: {recipe.num_samples} trials, recipe {recipe.hash}, split {manifest.hash} "
                       f"→ {place.out_dir}" + (f" (mirrored to {place.remote.uri})" if place.remote is not None else ""))
+        # the store cannot be written (disk full, permissions): one line naming the file, the fix and the
+        # command that continues the sweep; everything recorded before is intact
+        resume_cmd = (f"`skinsweep sweep {recipe_path} --resume" + "".join(f" --set {o}" for o in overrides)
+                      + (f" --results-dir {place.out_dir}" if results_dir is not None else "") + "`")
         try:
             grid = _run(tuner, driver, progress)
+        except Exception:
+            if driver.fatal is None:
+                raise
+            raise DataError(driver.fatal.with_command(resume_cmd)) from None
         except KeyboardInterrupt:
             budget.save(place.out_dir)
             driver.sync()
@@ -257,8 +267,11 @@ def run_sweep(
                           f"with `skinsweep sweep {recipe_path} --resume`" + "".join(f" --set {o}" for o in overrides)
                           + (f" --results-dir {place.out_dir}" if results_dir is not None else ""))
             raise SystemExit(130) from None
-        _reconcile(store, recipe, grid, place, resume=resume, console=console)
-        budget.save(place.out_dir)
+        try:
+            _reconcile(store, recipe, grid, place, resume=resume, console=console)
+            budget.save(place.out_dir)
+        except StoreWriteError as e:
+            raise DataError(e.with_command(resume_cmd)) from None
         driver.sync(final=True)
     finally:
         if address is None and not os.environ.get("RAY_ADDRESS"):
@@ -319,6 +332,7 @@ def _prepare_split(recipe, recipe_path, place: _Place):
     sweep (recipe, hashes, storage) in ``sweep.json``. Returns the manifest."""
     from skinsweep.data.index import load_index
     from skinsweep.data.split import SplitManifest, make_split
+    from skinsweep.files import atomic_write_text
 
     split_file = place.split_file
     index = load_index(recipe.data.root, positive=recipe.data.positive, skip_bad=recipe.data.skip_bad,
@@ -334,11 +348,14 @@ def _prepare_split(recipe, recipe_path, place: _Place):
     else:
         manifest = make_split(index, mode=recipe.split.mode, fractions=recipe.split.fractions, seed=recipe.split.seed)
         manifest.save(split_file)
-    (place.out_dir / SWEEP_JSON).write_text(json.dumps({
-        "name": recipe.name, "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
-        "recipe_file": str(recipe_path), "split_hash": manifest.hash, "dataset": str(recipe.data.root),
-        "dataset_hash": index.hash, "storage": place.where},
-        indent=2))
+    try:
+        atomic_write_text(place.out_dir / SWEEP_JSON, json.dumps({
+            "name": recipe.name, "recipe": json.loads(recipe.model_dump_json()), "recipe_hash": recipe.hash,
+            "recipe_file": str(recipe_path), "split_hash": manifest.hash, "dataset": str(recipe.data.root),
+            "dataset_hash": index.hash, "storage": place.where},
+            indent=2))
+    except OSError as e:
+        raise DataError(StoreWriteError(place.out_dir / SWEEP_JSON, e).with_command("the same command")) from None
     return manifest
 
 
