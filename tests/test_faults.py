@@ -236,6 +236,47 @@ def test_image_cache_on_a_full_disk_is_one_line(isic_dir, monkeypatch):
     assert not [p.name for p in Path(os.environ["SKINSWEEP_CACHE"]).rglob("*.tmp")]
 
 
+def test_readers_never_fail_while_the_store_is_rewritten_in_a_loop(tmp_path):
+    """The store replaces trials.parquet (and a re-recorded trial's files) by rename. pyarrow opens a
+    path twice (footer, then data), so path reads racing a rename applied one version's footer to the
+    other's bytes; the store's readers go through one handle (measured before the fix: this test saw
+    dozens of "Page was smaller than expected" errors in 3 s)."""
+    from skinsweep.results import header
+
+    store = ResultsStore(tmp_path / "s")
+    for i in range(3):
+        _add(store, f"t{i}")
+    stop, errors, reads, writes = threading.Event(), [], [], [0]
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            _add(store, f"t{i % 3}" if i % 2 else f"n{i}")  # re-record an old trial, or add a new one
+            i += 1
+            writes[0] = i
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    readers = {"trials": lambda: ResultsStore(store.root).trials(),
+               "predictions": lambda: ResultsStore(store.root).predictions(split="val"),
+               "header": lambda: header(store.root), "show": lambda: show(store.root, top=None),
+               "query": lambda: query(store.root, "SELECT count(*) FROM predictions JOIN trials USING (trial_id)")}
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 4:
+            for name, read in readers.items():
+                try:
+                    read()
+                    reads.append(name)
+                except Exception as e:  # noqa: BLE001 - counted, the test asserts there are none
+                    errors.append(f"{name}: {type(e).__name__}: {e}")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert writes[0] >= 20 and len(reads) >= 50, (writes, len(reads))  # the race was really exercised
+    assert not errors, (len(errors), errors[:3])
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. Sweeps (Ray): readers while trials are written; a disk that fills up mid-sweep, then --resume
 # ----------------------------------------------------------------------------------------------------

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from skinsweep.errors import ConfigError, DataError, did_you_mean, short_list
-from skinsweep.files import read_json
+from skinsweep.files import read_json, read_parquet_once, read_parquet_schema_once
 from skinsweep.results.schema import PREDICTIONS_SCHEMA, QUERY_PREDICTION_COLUMNS, STATUSES
 from skinsweep.results.store import TRIALS, ResultsStore
 
@@ -66,14 +65,23 @@ def _sweep_dir(path: str | Path) -> Path:
 
 
 def _duckdb_views(path: Path, *, predictions: bool):
-    """A DuckDB connection with views ``trials`` (and ``predictions``) over the sweep's Parquet."""
+    """A DuckDB connection with views ``trials`` (and ``predictions``) over the sweep's Parquet.
+
+    ``trials`` is one snapshot of trials.parquet read through one handle (a sweep replaces the file by
+    rename after every trial; DuckDB's own ``read_parquet`` opens it once to bind and again to scan, and
+    a rename in between made it read one version's footer against the other's bytes). The predictions
+    files listed are those of the trials in that snapshot.
+    """
     import duckdb
 
     con = duckdb.connect()
-    con.execute(f"CREATE VIEW trials AS SELECT * FROM read_parquet({_sql_str(path / TRIALS)})")
+    trials = read_parquet_once(path / TRIALS)
+    con.register("_trials", trials)
+    con.execute("CREATE VIEW trials AS SELECT * FROM _trials")
     if predictions:
         cols = ", ".join(_ident(c) for c in QUERY_PREDICTION_COLUMNS)
-        files = ResultsStore(path).prediction_files()
+        ids = trials["trial_id"].to_pylist()
+        files = [f for t in ids if (f := ResultsStore(path).predictions_dir / f"{t}.parquet").is_file()]
         if files:
             # explicit files of recorded trials: an orphan left by a crash is not read
             listing = ", ".join(_sql_str(f) for f in files)
@@ -82,6 +90,21 @@ def _duckdb_views(path: Path, *, predictions: bool):
             con.register("_no_predictions", PREDICTIONS_SCHEMA.empty_table())
             con.execute(f"CREATE VIEW predictions AS SELECT {cols} FROM _no_predictions")
     return con
+
+
+def _with_views(path: Path, *, predictions: bool, run):
+    """``run(con)`` on fresh views; retried once on fresh views when a file changed under DuckDB's scan
+    (a trial re-recorded by ``--resume`` replaces its predictions file). SQL errors are not retried."""
+    import duckdb
+
+    for attempt in (1, 2):
+        try:
+            with _duckdb_views(path, predictions=predictions) as con:
+                return run(con)
+        except (duckdb.IOException, duckdb.InvalidInputException):
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _sql_str(value: Any) -> str:
@@ -105,16 +128,18 @@ def query(path: str | Path, sql: str) -> pd.DataFrame:
     import duckdb
 
     p = _sweep_dir(path)
-    with _duckdb_views(p, predictions=True) as con:
-        try:
-            rel = con.sql(sql)
-            if rel is None:
-                raise ConfigError(f"query on {p}: the SQL returned no table; write a SELECT over trials / predictions")
-            return rel.df()
-        except duckdb.Error as e:
-            raise ConfigError(f"query on {p} failed: {_duckdb_message(e)} (views: trials = one row per trial; "
-                              f"predictions = {', '.join(QUERY_PREDICTION_COLUMNS)}, join trials USING (trial_id) "
-                              "for per-trial columns)") from None
+    def run(con):
+        rel = con.sql(sql)
+        if rel is None:
+            raise ConfigError(f"query on {p}: the SQL returned no table; write a SELECT over trials / predictions")
+        return rel.df()
+
+    try:
+        return _with_views(p, predictions=True, run=run)
+    except duckdb.Error as e:
+        raise ConfigError(f"query on {p} failed: {_duckdb_message(e)} (views: trials = one row per trial; "
+                          f"predictions = {', '.join(QUERY_PREDICTION_COLUMNS)}, join trials USING (trial_id) "
+                          "for per-trial columns)") from None
 
 
 def sort_ascending(column: str) -> bool:
@@ -151,7 +176,7 @@ def show(
     import duckdb
 
     p = _sweep_dir(path)
-    available = pq.read_schema(p / TRIALS).names
+    available = read_parquet_schema_once(p / TRIALS).names
     if by not in available:
         raise ConfigError(f"cannot sort by {by!r}: no such column in {p / TRIALS}{did_you_mean(by, available)}; "
                           f"columns: {', '.join(available)}")
@@ -169,12 +194,11 @@ def show(
     sql = (f"SELECT {select} FROM trials" + (f" WHERE ({where})" if where and where.strip() else "")
            + f" ORDER BY {_ident(by)} {'ASC' if asc else 'DESC'} NULLS LAST, trial_id"
            + (f" LIMIT {top}" if top is not None else ""))
-    with _duckdb_views(p, predictions=False) as con:
-        try:
-            df = con.sql(sql).df()
-        except duckdb.Error as e:
-            raise ConfigError(f"--where {where!r} is not a valid filter on {p / TRIALS}: "
-                              f"{_duckdb_message(e)}") from None
+    try:
+        df = _with_views(p, predictions=False, run=lambda con: con.sql(sql).df())
+    except duckdb.Error as e:
+        raise ConfigError(f"--where {where!r} is not a valid filter on {p / TRIALS}: "
+                          f"{_duckdb_message(e)}") from None
     df.attrs["header"] = header(p)
     return df
 
@@ -212,7 +236,7 @@ def header(path: str | Path) -> str:
     """One line about a sweep: name, trial counts by status, recipe and split hashes."""
     p = _sweep_dir(path)
     info = read_json(p / SWEEP_JSON)
-    status = pq.read_table(p / TRIALS, columns=["status"])["status"].to_pylist()
+    status = read_parquet_once(p / TRIALS, columns=["status"])["status"].to_pylist()
     counts = ", ".join(f"{s} {status.count(s)}" for s in STATUSES if status.count(s))
     parts = [f"sweep {info.get('name') or p.name}: {len(status)} trials" + (f" ({counts})" if counts else "")]
     parts += [f"{k.replace('_', ' ')} {info[k]}" for k in ("recipe_hash", "split_hash") if info.get(k)]

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skinsweep.errors import ConfigError, DataError, StoreWriteError, first_line, short_list
-from skinsweep.files import atomic_path
+from skinsweep.files import atomic_path, read_parquet_once
 from skinsweep.results.schema import PREDICTIONS_SCHEMA, SPLITS, TRIAL_COLUMNS, append_row, trial_row
 
 TRIALS = "trials.parquet"
@@ -167,7 +167,7 @@ class ResultsStore:
         if not self.trials_path.is_file():
             return None
         try:
-            return pq.read_table(self.trials_path)
+            return read_parquet_once(self.trials_path)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{self.trials_path} is unreadable ({first_line(e)}); restore it from a backup "
                             "or re-create it with `skinsweep sweep --resume`") from None
@@ -179,7 +179,7 @@ class ResultsStore:
     def _ids_in_order(self) -> list[str]:
         if not self.trials_path.is_file():
             return []
-        return pq.read_table(self.trials_path, columns=["trial_id"])["trial_id"].to_pylist()
+        return read_parquet_once(self.trials_path, columns=["trial_id"])["trial_id"].to_pylist()
 
     def trials(self) -> pd.DataFrame:
         """The trials table (one row per trial); empty with the fixed columns before the first trial."""
@@ -203,7 +203,7 @@ class ResultsStore:
             return pd.DataFrame({"trial_id": pd.Series(dtype=str), "epoch": pd.Series(dtype="int64")})
         # one Arrow concat, one conversion (not a DataFrame per file: 2,000 trials took 3 s that way);
         # files of trials with other per-epoch columns are unified, the missing values null
-        tables = [pq.read_table(f).replace_schema_metadata(None) for f in files]
+        tables = [read_parquet_once(f).replace_schema_metadata(None) for f in files]
         return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
     def predictions(self, trial_ids: str | Iterable[str] | None = None, split: str | None = None) -> pd.DataFrame:
@@ -225,12 +225,20 @@ class ResultsStore:
                                 "list them with `skinsweep results show`")
         if split is not None and split not in SPLITS:
             raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        files = self.prediction_files(wanted)
-        if not files:
-            return PREDICTIONS_SCHEMA.empty_table().to_pandas()
-        dataset = ds.dataset([str(f) for f in files], schema=PREDICTIONS_SCHEMA, format="parquet")
-        table = dataset.to_table(filter=(ds.field("split") == split) if split else None)
-        return table.to_pandas()
+        for attempt in (1, 2):
+            files = self.prediction_files(wanted)
+            if not files:
+                return PREDICTIONS_SCHEMA.empty_table().to_pandas()
+            # a dataset scan opens each file twice (footer, then data); a trial re-recorded in between
+            # (``--resume``) replaces its file, so a failed scan is retried once on a fresh listing
+            try:
+                dataset = ds.dataset([str(f) for f in files], schema=PREDICTIONS_SCHEMA, format="parquet")
+                return dataset.to_table(filter=(ds.field("split") == split) if split else None).to_pandas()
+            except (OSError, pa.ArrowException) as e:
+                if attempt == 2:
+                    raise DataError(f"predictions under {self.predictions_dir} are unreadable ({first_line(e)}); "
+                                    "re-record the trial with `skinsweep sweep --resume`") from None
+        raise AssertionError("unreachable")
 
 
 @contextmanager
