@@ -213,7 +213,7 @@ def validation_noise(path: str | Path, top: int = 10) -> str | None:
     from skinsweep.ensemble.stats import auc_se
 
     p = _sweep_dir(path)
-    trials = pd.read_parquet(p / TRIALS, columns=["trial_id", "status", "val_auc"])
+    trials = read_parquet_once(p / TRIALS, columns=["trial_id", "status", "val_auc"]).to_pandas()
     done = trials[(trials["status"] == "completed") & trials["val_auc"].notna()]
     done = done.sort_values(["val_auc", "trial_id"], ascending=[False, True]).head(top)
     if done.empty:
