@@ -134,6 +134,16 @@ def test_decode_bytes_is_the_file_decode(images, tmp_path):
                                           decode_resize(p, 32, policy))
 
 
+def test_bundle_scores_bytes_and_decodes_as_it_scores_files(bundles, images):
+    from skinsweep.ensemble.bundle import Decoded, decode_bytes, load_bundle
+
+    b = load_bundle(bundles["stack"])
+    cols = ["ensemble_prob", "calibrated_prob", "decision", *(f"prob_{m}" for m in b.member_ids)]
+    files = b.predict([str(p) for p in images])[cols]
+    pd.testing.assert_frame_equal(b.predict([p.read_bytes() for p in images])[cols], files)
+    pd.testing.assert_frame_equal(b.predict([Decoded(decode_bytes(p.read_bytes())) for p in images])[cols], files)
+
+
 @pytest.mark.slow
 def test_metadata_bundle_over_http(server, bundles, images, tiny_sweep, tmp_path):
     from skinsweep.ensemble.bundle import load_bundle, predict_files

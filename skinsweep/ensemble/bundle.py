@@ -229,8 +229,8 @@ class Bundle:
                 image_ids: Sequence[str] | None = None) -> pd.DataFrame:
         """Per image: member probabilities, ensemble probability, calibrated probability, decision.
 
-        ``images``: file paths, the bytes of image files (decoded exactly as the file would be) or PIL
-        images. ``metadata`` (needed when :attr:`metadata_features` is not empty, ignored otherwise): a
+        ``images``: file paths, the bytes of image files (decoded exactly as the file would be), their
+        :class:`Decoded` images, or PIL images. ``metadata`` (needed when :attr:`metadata_features` is not empty, ignored otherwise): a
         table with ``image_id`` and those columns (``site`` may be called ``localization``, as in
         HAM10000_metadata.csv), matched to each image by its file stem, or by ``image_ids`` when given
         (in-memory images have no stem). Images without a row are scored with unknown metadata and
@@ -274,6 +274,15 @@ class Bundle:
         return self.metadata_encoder.transform(rows), no_row
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """An image file's RGB PIL image exactly as :func:`read_rgb` / :func:`decode_bytes` returned it, for
+    :meth:`Bundle.predict` to resize without decoding the file a second time (the HTTP service decodes
+    each upload once, to check it, then scores that decode)."""
+
+    image: Any
+
+
 def decode_bytes(data: bytes):
     """The RGB PIL image of an image file's bytes, decoded exactly as :func:`read_rgb` decodes the file
     (same decoder, EXIF orientation, mode conversion): what the HTTP service scores. Raises what PIL
@@ -286,10 +295,11 @@ def decode_bytes(data: bytes):
 def _decode(image, size: int, policy: str, decode_resize) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return decode_resize(image, size, policy)
-    if isinstance(image, (bytes, bytearray, memoryview)):  # a file's bytes: the file's own decode path
+    if isinstance(image, (bytes, bytearray, memoryview, Decoded)):  # a file's bytes: the file's own decode path
         from skinsweep.data.cache import resize_like_cache
 
-        return resize_like_cache(decode_bytes(bytes(image)), size, policy)
+        rgb = image.image if isinstance(image, Decoded) else decode_bytes(bytes(image))
+        return resize_like_cache(rgb, size, policy)
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".png") as f:  # same decode path for in-memory images

@@ -13,6 +13,7 @@ Routes: ``GET /`` (the web page), ``POST /v1/predict``, ``GET /v1/info`` (the mo
 
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -253,6 +254,7 @@ def start(cfg: ServeConfig, *, log: Callable[[str], None] = lambda m: None) -> R
     own_ray = not ray.is_initialized() and not (cfg.address or os.environ.get("RAY_ADDRESS"))
     log("starting Ray" if own_ray else f"joining Ray at {cfg.address or os.environ.get('RAY_ADDRESS')}")
     _connect_ray(cfg.address)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would bury the service's own
     running = Running(url=f"http://{cfg.host}:{cfg.port}", own_ray=own_ray, config=cfg)
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": "WARNING"})

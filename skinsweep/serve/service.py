@@ -159,8 +159,10 @@ class Scorer:
         if self.bundle.metadata_features:
             ids = [f"upload-{k}" for k in range(len(uploads))]
             meta = pd.DataFrame([{"image_id": i, **(u.metadata or {})} for i, u in zip(ids, uploads)])
-        with self.lock:
-            df = self.bundle.predict([u.data for u in uploads], metadata=meta, image_ids=ids)
+        from skinsweep.ensemble.bundle import Decoded
+
+        with self.lock:  # each upload was decoded once, by check_upload (decode_bytes); that decode is scored
+            df = self.bundle.predict([Decoded(u.image) for u in uploads], metadata=meta, image_ids=ids)
         out = []
         for k, u in enumerate(uploads):
             r = df.iloc[k]
