@@ -32,7 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_bundle(root: Path) -> tuple[Path, Path]:
+def build_bundle(root: Path, image_size: int) -> tuple[Path, Path]:
     """(bundle, image folder): a tiny synthetic sweep of two members, stacked and exported."""
     import yaml
 
@@ -48,7 +48,7 @@ def build_bundle(root: Path) -> tuple[Path, Path]:
     for k, bb in enumerate(("tiny_vit", "tiny_clip")):
         out = root / "trials" / f"t{k}"
         cfg = parse_config(dict(data=str(data), backbone=bb, mode="finetune", lr=1e-3, epochs=2, batch_size=32,
-                                image_size=64, seed=k))
+                                image_size=image_size, seed=k))
         res = run_trial(cfg, out, trial_id=f"t{k}")
         store.add_trial(res.summary, predictions=out / "predictions.parquet",
                         extra={"checkpoint": str(out / "checkpoint.safetensors")})
@@ -106,17 +106,20 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16, help="client threads")
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--batches", default="1,32", help="--max-batch settings to compare")
+    ap.add_argument("--image-size", type=int, default=128, help="input size of the synthetic bundle's members")
     args = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="skinsweep-bench-serve-")
     os.environ.setdefault("SKINSWEEP_CACHE", str(Path(tmp.name) / "cache"))
     from skinsweep.ensemble.bundle import expand_inputs, load_bundle, predict_files
+    import requests
+
     from skinsweep.serve.app import ServeConfig, deploy, start, stop
 
     bundle, folder = args.bundle, args.images
     if bundle is None:
         t = time.perf_counter()
-        bundle, synth = build_bundle(Path(tmp.name))
+        bundle, synth = build_bundle(Path(tmp.name), args.image_size)
         folder = folder or synth
         print(f"built a tiny synthetic bundle in {time.perf_counter() - t:.0f} s: {bundle}")
     if folder is None:
@@ -127,15 +130,20 @@ def main() -> None:
           f"{args.concurrency} clients × {args.duration:g} s per setting; {os.cpu_count()} CPUs shared by clients "
           "and server")
 
-    # offline: the same images through predict_files (what `skinsweep predict` does), after one warm-up pass
+    # offline: the same images through predict_files (what `skinsweep predict` does), in this process with
+    # torch's default threads, after one warm-up pass; measured before and after the load (the CPUs are shared)
     b = load_bundle(bundle)
     predict_files(b, files[:4])
-    t = time.perf_counter()
-    reps = 3
-    for _ in range(reps):
-        predict_files(b, files)
-    offline = reps * len(files) / (time.perf_counter() - t)
-    print(f"offline predict_files: {offline:.1f} images/s")
+
+    def offline_rate() -> float:
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < args.duration / 2:
+            predict_files(b, files)
+            n += len(files)
+        return n / (time.perf_counter() - t)
+
+    offline_before = offline_rate()
+    print(f"offline predict_files: {offline_before:.1f} images/s")
 
     rows = []
     running = None
@@ -150,20 +158,27 @@ def main() -> None:
                 deploy(cfg)  # the same Serve instance, the application replaced with the new setting
             print(f"--max-batch {mb}: ready in {time.perf_counter() - t:.1f} s")
             load(running.url, images[:4], duration=2.0, concurrency=2)  # warm up
+            before = requests.get(f"{running.url}/healthz", timeout=10).json()["replica"]
             r = load(running.url, images, duration=args.duration, concurrency=args.concurrency)
+            after = requests.get(f"{running.url}/healthz", timeout=10).json()["replica"]  # one replica's view
+            r["mean_batch"] = (after["images"] - before["images"]) / max(1, after["batches"] - before["batches"])
             rows.append((mb, r))
             print(f"--max-batch {mb:>2}: {r['requests']} requests, {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, "
-                  f"p95 {r['p95']:.0f} ms, p99 {r['p99']:.0f} ms, errors {r['errors']} {r['error_kinds'] or ''}")
+                  f"p95 {r['p95']:.0f} ms, p99 {r['p99']:.0f} ms, errors {r['errors']} {r['error_kinds'] or ''}, "
+                  f"mean batch {r['mean_batch']:.1f} images")
     finally:
         if running is not None:
             stop(running)
+    offline_after = offline_rate()
+    offline = (offline_before + offline_after) / 2
+    print(f"offline predict_files: {offline_after:.1f} images/s after the load (mean {offline:.1f})")
 
-    print("\n| --max-batch | requests | req/s | p50 ms | p95 ms | p99 ms | errors | serve / offline |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| --max-batch | requests | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | serve / offline |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mb, r in rows:
         print(f"| {mb} | {r['requests']} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | "
-              f"{r['errors']} | {r['rps'] / offline:.2f} |")
-    print(f"| offline predict_files | {reps * len(files)} images | {offline:.1f} images/s | | | | | 1 |")
+              f"{r['errors']} | {r['mean_batch']:.1f} | {r['rps'] / offline:.2f} |")
+    print(f"| offline `predict_files` (before / after) | | {offline_before:.1f} / {offline_after:.1f} images/s | | | | | | 1 |")
     if len(rows) >= 2:
         print(f"batching: {rows[-1][1]['rps'] / rows[0][1]['rps']:.2f}× the requests/s of --max-batch {rows[0][0]}")
     if any(r["errors"] for _, r in rows):

@@ -85,6 +85,7 @@ class Scorer:
         self.hash = bundle_hash(bundle.path)
         self.name = str(bundle.meta.get("name"))
         self.lock = threading.Lock()
+        self.batches = self.images = 0  # scored by this replica: the mean batch size shows batching at work
         self.card = model_card(bundle, self.hash)
         self.members = [{"trial_id": e["trial_id"], "backbone": _backbone_name(mm), "mode": mm.get("mode")}
                         for e, mm in zip(bundle.meta["members"], bundle.model_meta)]
@@ -163,6 +164,8 @@ class Scorer:
 
         with self.lock:  # each upload was decoded once, by check_upload (decode_bytes); that decode is scored
             df = self.bundle.predict([Decoded(u.image) for u in uploads], metadata=meta, image_ids=ids)
+            self.batches += 1
+            self.images += len(uploads)
         out = []
         for k, u in enumerate(uploads):
             r = df.iloc[k]
@@ -202,7 +205,8 @@ class Scorer:
 
     def health(self) -> dict:
         return {"status": "ready", "bundle": self.name, "bundle_hash": self.hash,
-                "members": len(self.members), "metadata_features": self.bundle.metadata_features}
+                "members": len(self.members), "metadata_features": self.bundle.metadata_features,
+                "replica": {"batches": self.batches, "images": self.images}}
 
 
 def model_card(bundle, bundle_hash: str) -> dict:
