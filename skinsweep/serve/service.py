@@ -31,6 +31,9 @@ MODEL_CARD = "model_card.json"
 # is refused before decoding, with 415.
 IMAGE_TYPES = ("image/", "application/octet-stream")
 SEXES = ("female", "male", "unknown", "")
+# Decoded size limit: a small file can hold a huge image (a 30 KB PNG of 20,000 x 20,000 decodes to 1.2 GB).
+# Dermatoscope photographs are at most ~24 MP; PIL's own guard (DecompressionBombError) starts at 179 MP.
+MAX_PIXELS = 64_000_000
 HEATMAP_SIDE = 512  # longest side of a returned heat-map PNG, in pixels (keeps responses small)
 
 
@@ -106,7 +109,16 @@ class Scorer:
             raise RequestError(413, "file_too_large", f"{name} is larger than the service's limit of "
                                f"{self.limits.max_upload_mb:g} MB (--max-upload-mb)", name)
         try:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as probe:  # the header only: size before pixels
+                w, h = probe.size
+            if w * h > MAX_PIXELS:
+                raise RequestError(413, "image_too_large", f"{name} is {w}x{h} pixels ({w * h / 1e6:.0f} MP); the "
+                                   f"service decodes at most {MAX_PIXELS / 1e6:.0f} MP per image", name)
             image = decode_bytes(data)
+        except RequestError:
+            raise
         except Exception as e:  # noqa: BLE001 - any decoder failure is the file's problem, reported as such
             from PIL import UnidentifiedImageError
 
