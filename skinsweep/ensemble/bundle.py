@@ -187,7 +187,7 @@ class Bundle:
         return [e["trial_id"] for e in self.meta["members"]]
 
     def member_logits(self, images: Sequence, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
-        """Logits (N, M) for ``images`` (file paths, the bytes of image files, or PIL images).
+        """Logits (N, M) for ``images`` (file paths, the bytes of image files, :class:`Decoded`, or PIL images).
 
         Each member applies the test-time augmentation its trial was scored with (model.json ``tta``;
         absent: none), so a member's logit is its trial's stored prediction. ``tta=True`` adds the mirror
@@ -230,8 +230,8 @@ class Bundle:
         """Per image: member probabilities, ensemble probability, calibrated probability, decision.
 
         ``images``: file paths, the bytes of image files (decoded exactly as the file would be), their
-        :class:`Decoded` images, or PIL images. ``metadata`` (needed when :attr:`metadata_features` is not empty, ignored otherwise): a
-        table with ``image_id`` and those columns (``site`` may be called ``localization``, as in
+        :class:`Decoded` images, or PIL images. ``metadata`` (needed when :attr:`metadata_features` is
+        not empty, ignored otherwise): a table with ``image_id`` and those columns (``site`` may be called ``localization``, as in
         HAM10000_metadata.csv), matched to each image by its file stem, or by ``image_ids`` when given
         (in-memory images have no stem). Images without a row are scored with unknown metadata and
         marked in the ``metadata_missing`` column.

@@ -16,7 +16,6 @@ a squashed image's map is stretched back, a center-cropped one's is placed on th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -70,8 +69,8 @@ def gradcam(model, meta: dict, images: Sequence, *, batch_size: int = 16) -> lis
     melanoma logit (positive class), whatever the model predicted.
     """
     import torch
-    from pytorch_grad_cam import GradCAM
     from PIL import Image
+    from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
     from skinsweep.data.cache import resize_like_cache

@@ -12,6 +12,8 @@ Routes: ``GET /`` (the web page), ``POST /v1/predict``, ``GET /v1/info`` (the mo
 """
 
 
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request, str | None)
+# through Serve's class wrapper, where string annotations do not resolve.
 import asyncio
 import logging
 import os
