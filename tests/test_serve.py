@@ -32,9 +32,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_sweep, tiny_ensembles, tmp_path_factory):
-    """{"stack": bundle of conftest's stacked tiny_vit + tiny_clip (no metadata), "meta": the same members
-    stacked with age, sex and site}."""
+def bundles(tiny_ensembles):
+    """{"stack": bundle of conftest's stacked tiny_vit + tiny_clip (no metadata)}; see :func:`meta_bundle`."""
+    return {"stack": tiny_ensembles["stack"] / "bundle"}
+
+
+@pytest.fixture(scope="module")
+def meta_bundle(tiny_sweep, tmp_path_factory) -> Path:
+    """The same members as ``stack``, stacked with age, sex and site."""
     import os
 
     import yaml
@@ -47,7 +52,7 @@ def bundles(tiny_sweep, tiny_ensembles, tmp_path_factory):
         "name": "meta", "members": {"rule": "best_per_backbone", "backbones": ["tiny_vit", "tiny_clip"]},
         "combiner": {"type": "stacking", "metadata": ["age", "sex", "site"]}, "report": {"n_boot": 100}}))
     build_ensemble(base / "meta.yaml", tiny_sweep["results"], out=base / "meta")
-    return {"stack": tiny_ensembles["stack"] / "bundle", "meta": base / "meta" / "bundle"}
+    return base / "meta" / "bundle"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +62,7 @@ def images(tiny_sweep) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def server(bundles):
+def server(bundles, meta_bundle):
     """Serve on a free loopback port: ``stack`` at /, ``meta`` at /meta; torn down (Serve and Ray) after."""
     from skinsweep.serve.app import ServeConfig, deploy, start, stop
 
@@ -68,7 +73,7 @@ def server(bundles):
     ray_before = ray.is_initialized()
     running = start(cfg)
     try:
-        deploy(ServeConfig(bundle=bundles["meta"], port=cfg.port, max_files=MAX_FILES, max_upload_mb=MAX_UPLOAD_MB,
+        deploy(ServeConfig(bundle=meta_bundle, port=cfg.port, max_files=MAX_FILES, max_upload_mb=MAX_UPLOAD_MB,
                            cpus_per_replica=0.5), name="meta", route_prefix="/meta")
         yield running.url
     finally:
@@ -146,12 +151,12 @@ def test_bundle_scores_bytes_and_decodes_as_it_scores_files(bundles, images):
 
 
 @pytest.mark.slow
-def test_metadata_bundle_over_http(server, bundles, images, tiny_sweep, tmp_path):
+def test_metadata_bundle_over_http(server, meta_bundle, images, tiny_sweep):
     from skinsweep.ensemble.bundle import load_bundle, predict_files
 
     meta = pd.read_csv(tiny_sweep["data"] / "HAM10000_metadata.csv").set_index("image_id")
     rows = meta.loc[[p.stem for p in images[:3]]]
-    offline = predict_files(load_bundle(bundles["meta"]), images[:3], metadata=rows.reset_index())
+    offline = predict_files(load_bundle(meta_bundle), images[:3], metadata=rows.reset_index())
     data = {"age": [str(a) for a in rows["age"]], "sex": list(rows["sex"]), "localization": list(rows["localization"])}
     r = requests.post(f"{server}/meta/v1/predict", files=[part(p) for p in images[:3]], data=data, timeout=60)
     assert r.status_code == 200, r.text

@@ -11,7 +11,6 @@ Routes: ``GET /`` (the web page), ``POST /v1/predict``, ``GET /v1/info`` (the mo
 ``{"error": {"code", "message", "file"}}`` (:class:`~skinsweep.serve.service.RequestError`).
 """
 
-
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request, str | None)
 # through Serve's class wrapper, where string annotations do not resolve.
 import asyncio
