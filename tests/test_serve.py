@@ -96,6 +96,23 @@ def png_bytes(size=(40, 30), seed=0) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
+def test_cli_more_replicas_than_cpus_is_one_line(bundles):
+    """Serve would wait forever for CPUs it cannot get; the command says so, and leaves no Ray behind.
+    (First in the module: it needs a process without Ray, before the ``server`` fixture starts one.)"""
+    import ray
+    from typer.testing import CliRunner
+
+    from skinsweep.cli import app
+
+    if ray.is_initialized():
+        pytest.skip("a Ray instance of another test is running in this process")
+    r = CliRunner().invoke(app, ["serve", str(bundles["stack"]), "--port", str(free_port()), "--replicas", "1000"])
+    line = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 2 and len(line) == 1 and "--replicas 1000 × --cpus-per-replica 1 needs 1000 CPUs" in line[0]
+    assert not ray.is_initialized()
+
+
 # ---- scores ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_scores_equal_skinsweep_predict(server, bundles, images):

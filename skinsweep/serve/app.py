@@ -257,14 +257,22 @@ def start(cfg: ServeConfig, *, log: Callable[[str], None] = lambda m: None) -> R
     _connect_ray(cfg.address)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would bury the service's own
     running = Running(url=f"http://{cfg.host}:{cfg.port}", own_ray=own_ray, config=cfg)
+    deploying = False
     try:
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cfg.replicas * cfg.cpus_per_replica > cpus:  # else Serve would wait for them forever
+            raise ConfigError(f"--replicas {cfg.replicas} × --cpus-per-replica {cfg.cpus_per_replica:g} needs "
+                              f"{cfg.replicas * cfg.cpus_per_replica:g} CPUs; the Ray cluster has {cpus:g}: lower "
+                              f"--cpus-per-replica (e.g. {cpus / cfg.replicas:.2g}) or --replicas")
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"log_level": "WARNING"})
         t0 = time.perf_counter()
         log(f"deploying {cfg.replicas} replica(s) of {cfg.bundle}")
+        deploying = True
         deploy(cfg)
         log(f"ready in {time.perf_counter() - t0:.1f} s")
     except BaseException:
-        stop(running)
+        if own_ray or deploying:  # never touch a joined cluster's other applications
+            stop(running)
         raise
     return running
 
