@@ -108,6 +108,7 @@ class SkinsweepService:
         if scorer.bundle.metadata_features:
             u.metadata = {f: "" for f in scorer.bundle.metadata_features}
         scorer.score([u])
+        scorer.batches = scorer.images = 0  # /healthz counts clients' images only
 
     def check_health(self) -> None:  # Ray Serve restarts a replica whose check raises
         if self.scorer is None:
