@@ -466,8 +466,9 @@ def _fmt(v) -> str:
 
 
 # Commands in their own modules, imported last (they use user_errors / out / err from here): the `weights`
-# sub-app, and evaluate / recalibrate / compare (cli_eval registers them on `app` when imported).
+# sub-app, evaluate / recalibrate / compare (cli_eval registers them on `app` when imported), serve (cli_serve).
 import skinsweep.cli_eval  # noqa: E402,F401
+import skinsweep.cli_serve  # noqa: E402,F401  (serve)
 from skinsweep.cli_weights import weights_app  # noqa: E402
 
 app.add_typer(weights_app, name="weights")

@@ -187,7 +187,7 @@ class Bundle:
         return [e["trial_id"] for e in self.meta["members"]]
 
     def member_logits(self, images: Sequence, *, tta: bool = False, batch_size: int = 32) -> np.ndarray:
-        """Logits (N, M) for ``images`` (file paths or PIL images).
+        """Logits (N, M) for ``images`` (file paths, the bytes of image files, :class:`Decoded`, or PIL images).
 
         Each member applies the test-time augmentation its trial was scored with (model.json ``tta``;
         absent: none), so a member's logit is its trial's stored prediction. ``tta=True`` adds the mirror
@@ -225,15 +225,18 @@ class Bundle:
         X = self.member_logits(images, tta=tta)
         return X, self.combiner.predict_logit(X, extra=extra), no_row
 
-    def predict(self, images: Sequence, *, tta: bool = False, metadata: pd.DataFrame | None = None) -> pd.DataFrame:
+    def predict(self, images: Sequence, *, tta: bool = False, metadata: pd.DataFrame | None = None,
+                image_ids: Sequence[str] | None = None) -> pd.DataFrame:
         """Per image: member probabilities, ensemble probability, calibrated probability, decision.
 
-        ``metadata`` (needed when :attr:`metadata_features` is not empty, ignored otherwise): a table
-        with ``image_id`` and those columns (``site`` may be called ``localization``, as in
-        HAM10000_metadata.csv), matched to each image by its file stem. Images without a row are scored
-        with unknown metadata and marked in the ``metadata_missing`` column.
+        ``images``: file paths, the bytes of image files (decoded exactly as the file would be), their
+        :class:`Decoded` images, or PIL images. ``metadata`` (needed when :attr:`metadata_features` is
+        not empty, ignored otherwise): a table with ``image_id`` and those columns (``site`` may be called ``localization``, as in
+        HAM10000_metadata.csv), matched to each image by its file stem, or by ``image_ids`` when given
+        (in-memory images have no stem). Images without a row are scored with unknown metadata and
+        marked in the ``metadata_missing`` column.
         """
-        X, ens, no_row = self.score(images, tta=tta, metadata=metadata)
+        X, ens, no_row = self.score(images, tta=tta, metadata=metadata, image_ids=image_ids)
         cal = self.calibrator.predict_proba(ens)
         df = pd.DataFrame({f"prob_{m}": sigmoid(X[:, j]) for j, m in enumerate(self.member_ids)})
         df.insert(0, "image", [str(i) if isinstance(i, (str, Path)) else f"<image {k}>" for k, i in enumerate(images)])
@@ -271,9 +274,32 @@ class Bundle:
         return self.metadata_encoder.transform(rows), no_row
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """An image file's RGB PIL image exactly as :func:`read_rgb` / :func:`decode_bytes` returned it, for
+    :meth:`Bundle.predict` to resize without decoding the file a second time (the HTTP service decodes
+    each upload once, to check it, then scores that decode)."""
+
+    image: Any
+
+
+def decode_bytes(data: bytes):
+    """The RGB PIL image of an image file's bytes, decoded exactly as :func:`read_rgb` decodes the file
+    (same decoder, EXIF orientation, mode conversion): what the HTTP service scores. Raises what PIL
+    raises for bytes that are not a complete image."""
+    import io
+
+    return read_rgb(io.BytesIO(data))
+
+
 def _decode(image, size: int, policy: str, decode_resize) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return decode_resize(image, size, policy)
+    if isinstance(image, (bytes, bytearray, memoryview, Decoded)):  # a file's bytes: the file's own decode path
+        from skinsweep.data.cache import resize_like_cache
+
+        rgb = image.image if isinstance(image, Decoded) else decode_bytes(bytes(image))
+        return resize_like_cache(rgb, size, policy)
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".png") as f:  # same decode path for in-memory images

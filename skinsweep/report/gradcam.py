@@ -16,7 +16,6 @@ a squashed image's map is stretched back, a center-cropped one's is placed on th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -61,13 +60,16 @@ def _tokens_to_grid(n_prefix: int, grid: tuple[int, int], *, batch_first: bool) 
     return reshape
 
 
-def gradcam(model, meta: dict, images: Sequence[str | Path], *, batch_size: int = 16) -> list[np.ndarray]:
+def gradcam(model, meta: dict, images: Sequence, *, batch_size: int = 16) -> list[np.ndarray]:
     """One map per image: float32 ``(H, W)`` in [0, 1] at the original image's size.
 
+    ``images``: file paths, or RGB PIL images already decoded as :func:`skinsweep.data.index.read_rgb`
+    decodes files (the HTTP service's uploads).
     ``model, meta`` as :func:`skinsweep.train.loop.load_trial_model` returns them. The target is the
     melanoma logit (positive class), whatever the model predicted.
     """
     import torch
+    from PIL import Image
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
@@ -83,7 +85,8 @@ def gradcam(model, meta: dict, images: Sequence[str | Path], *, batch_size: int 
     maps: list[np.ndarray] = []
     with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         for s in range(0, len(images), batch_size):
-            decoded = [read_rgb(p) for p in images[s:s + batch_size]]  # once: for the model and for the size
+            decoded = [p if isinstance(p, Image.Image) else read_rgb(p)  # once: for the model and for the size
+                       for p in images[s:s + batch_size]]
             x = transform(torch.from_numpy(np.stack([resize_like_cache(im, size, policy) for im in decoded])))
             small = cam(input_tensor=x, targets=[BinaryClassifierOutputTarget(1)] * len(decoded))  # (B, S, S)
             for im, m in zip(decoded, small):
