@@ -289,3 +289,30 @@ def test_results_sync_bad_input(tmp_path, s3, monkeypatch, case, message):
     assert len(r.output.strip().splitlines()) == 1, r.output
     if case == "unreachable":
         assert "3 of 3 files not copied" in r.output and "results sync" in r.output
+
+
+def test_retry_storage_waits_for_the_object_store_then_gives_up():
+    from skinsweep.sweep.storage import retry_storage
+
+    calls, lines = [], []
+
+    def twice_down():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OSError("AWS Error NETWORK_CONNECTION: curlCode: 7, Could not connect to server")
+        return "saved"
+
+    assert retry_storage(twice_down, "saving", wait_s=5, first_delay=0.05, log=lines.append) == "saved"
+    assert lines == ["skinsweep: saving failed (Could not connect to server); retrying in 0 s"] * 2
+    with pytest.raises(OSError):  # still down after wait_s: the last error is raised (Tune retries the trial)
+        retry_storage(lambda: (_ for _ in ()).throw(OSError("down")), "saving", wait_s=0.2, first_delay=0.05,
+                      log=lines.append)
+    calls.clear()
+
+    def bug():
+        calls.append(1)
+        raise RuntimeError("Unable to set up cluster storage")
+
+    with pytest.raises(RuntimeError):  # not an outage (storage this node cannot see): not retried
+        retry_storage(bug, "saving", wait_s=5, log=lines.append)
+    assert len(calls) == 1

@@ -120,7 +120,8 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
         from skinsweep.sweep.storage import retry_storage
 
         retry_storage(lambda: tune.report(dict(final), checkpoint=tune.Checkpoint.from_directory(str(work / "trial"))),
-                      f"trial {trial_id}: saving its checkpoint to storage")
+                      f"trial {trial_id}: saving its checkpoint to storage",
+                      wait_s=None if split_remote is not None else 0)  # object stores only: a local disk is not waited for
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -439,10 +440,16 @@ def _run(tuner, driver: SweepDriver, progress):
     """
     previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Tune logs a crashed trial (a lost node included) as an ERROR with a traceback; the progress view already
+    # shows it as one [retry] / FAILED line, and its error is recorded in trials.parquet
+    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
+    level = controller_log.level
+    controller_log.setLevel(logging.CRITICAL)
     try:
         with driver, progress:
             return tuner.fit()
     finally:
+        controller_log.setLevel(level)
         if previous is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:

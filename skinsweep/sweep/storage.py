@@ -439,11 +439,11 @@ def retry_storage(fn, what: str, *, wait_s: float | None = None, first_delay: fl
     while True:
         try:
             return fn()
-        except (*storage_errors(), RuntimeError) as e:
+        except storage_errors() as e:
+            # (Ray's "Unable to set up cluster storage" RuntimeError is not an outage but storage that this node
+            # cannot see — a local path on a multi-node cluster — and is not retried.)
             left = end - time.monotonic()
-            # Ray's own storage check raises RuntimeError("Unable to set up cluster storage …"); other
-            # RuntimeErrors are bugs, not outages
-            if left <= 0 or (isinstance(e, RuntimeError) and "storage" not in str(e).lower()):
+            if left <= 0:
                 raise
             pause = min(delay, left)
             (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
