@@ -556,3 +556,74 @@ def test_unreadable_local_checkpoint_is_recorded_as_failed(tmp_path):
     assert row["status"] == "failed" and row["error"].startswith(f"its checkpoint {tmp_path}/node2/checkpoint_000000 "
                                                                  "cannot be read on the driver")
     assert "every node can reach" in row["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_object_store_outage_mid_sweep(data, tmp_path, s3_server, monkeypatch):
+    """`storage: s3://…` and the S3 server goes away twice. The first outage starts right after the first trial
+    is consolidated and lasts 20 s: trials keep training (the ones that end meanwhile wait to save their
+    checkpoint), the mirror backs off and says so, then catches up. The second starts after the last trial
+    and outlasts the sweep: the sweep ends with a complete local store and says what is not mirrored;
+    `skinsweep results sync` sends it once the server is back."""
+    import io
+    import threading
+
+    import pyarrow.fs as pafs
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import skinsweep.sweep.driver as driver_mod
+    from skinsweep.cli import app
+    from skinsweep.results import load
+    from skinsweep.sweep.runner import run_sweep
+
+    needs_loopback()
+    monkeypatch.setenv("SKINSWEEP_MIRROR_WAIT", "5")     # the end of the sweep waits 5 s for the mirror
+    monkeypatch.setenv("SKINSWEEP_STORAGE_WAIT", "300")  # trials wait up to 5 min for the object store
+    real, n, events = driver_mod.consolidate_trial, [0], []
+
+    def consolidate_then_outage(*args, **kw):
+        status = real(*args, **kw)
+        n[0] += 1
+        if n[0] == 1:  # first trial in the store, before it is mirrored: the server goes away for 20 s
+            s3_server.stop()
+            events.append(("down", time.time()))
+            threading.Timer(20, lambda: (s3_server.start(), events.append(("up", time.time())))).start()
+        elif n[0] == 4:  # the last one: away until after the sweep
+            s3_server.stop()
+            events.append(("down", time.time()))
+        return status
+
+    monkeypatch.setattr(driver_mod, "consolidate_trial", consolidate_then_outage)
+    recipe = write_recipe(tmp_path / "r.yaml", name="outage", storage="s3://sweeps/runs", data=data, n=4)
+    local = tmp_path / "local"
+    buf = io.StringIO()
+    outcome = run_sweep(recipe, overrides=["scheduler.type=none", "trial.epochs=3"], results_dir=local,
+                        console=Console(file=buf, width=300))
+    text = buf.getvalue()
+    (tmp_path / "sweep.log").write_text(text)  # what a user saw, for a failing run
+    assert [e for e, _ in events] == ["down", "up", "down"], events
+    # the local store is complete
+    res = load(local)
+    t = res.trials
+    assert len(t) == 4 and (t["status"] == "completed").all(), (t[["trial_id", "status", "error"]], text[-3000:])
+    assert (t["attempts"] == 1).all()  # nothing had to be trained again
+    assert set(res.predictions["trial_id"]) == set(t["trial_id"])
+    assert all(Path(c).is_file() for c in t["checkpoint"])
+    # the first outage: reported with its backoff, then caught up
+    assert "mirror: s3://sweeps/runs/outage unreachable (" in text and "files waiting, retry in " in text, text[-3000:]
+    assert "mirror: s3://sweeps/runs/outage reachable again; the mirror has caught up" in text
+    # the second: the sweep ends anyway and says what is left, and how to send it
+    assert outcome.unmirrored and "trials.parquet" in outcome.unmirrored, outcome.unmirrored
+    assert f"not yet in s3://sweeps/runs/outage" in text and f"skinsweep results sync {local}" in text
+    s3_server.start()
+    r = CliRunner().invoke(app, ["results", "sync", str(local)])
+    assert r.exit_code == 0, r.output
+    assert f"{len(outcome.unmirrored)} of " in r.output, (r.output, outcome.unmirrored)
+    base = "sweeps/runs/outage"
+    keys = {i.path.removeprefix(base + "/") for i in s3_server.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            if i.type == pafs.FileType.File}
+    assert {f"predictions/{i}.parquet" for i in t["trial_id"]} <= keys and {"trials.parquet", "sweep.json"} <= keys
+    with s3_server.fs.open_input_stream(f"{base}/trials.parquet") as f:
+        assert f.read() == (local / "trials.parquet").read_bytes()

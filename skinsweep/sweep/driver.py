@@ -122,6 +122,7 @@ class SweepDriver:
             progress.mirror_status = self.mirror.status_line
         self.deferred: dict[str, object] = {}  # trials whose checkpoint could not be fetched yet (storage down)
         self.started_at: dict[str, float] = {}  # trial id → time.time() of its (first) start
+        self.trials: dict[str, object] = {}     # trial id → Tune's trial, as last seen in an event
         self.metric = recipe.scheduler.metric
         self.history: dict[str, list[dict]] = {}  # per-epoch results, stored for trials pruned by ASHA
         self.fatal: StoreWriteError | None = None   # why the sweep had to stop (the store cannot be written)
@@ -146,6 +147,7 @@ class SweepDriver:
 
     def started(self, trial) -> None:
         self.started_at.setdefault(trial.trial_id, time.time())
+        self.trials[trial.trial_id] = trial
         params = trial_params(self.recipe, trial.config)
         cfg = self.recipe.trial_config(params, split=self.split_file)
         hparams = {k: v for k, v in params.items() if k not in ("backbone", "mode")}
@@ -166,6 +168,7 @@ class SweepDriver:
         self.progress.retrying(trial.trial_id, trial.num_failures + 1, _last_error(trial))
 
     def finished(self, trial) -> None:
+        self.trials[trial.trial_id] = trial
         self._consolidate(trial)
         for t in list(self.deferred.values()):  # the object store may be back: fetch what is waiting
             if t.trial_id != trial.trial_id:

@@ -264,6 +264,12 @@ def run_sweep(
                       + (f" --results-dir {place.out_dir}" if results_dir is not None else "") + "`")
         try:
             grid = _run(tuner, driver, progress)
+        except storage_errors() as e:
+            if driver.fatal is not None:
+                raise DataError(driver.fatal.with_command(resume_cmd)) from None
+            if place.remote is None:
+                raise
+            grid = _results_after_outage(driver, place, e, console)
         except Exception:
             if driver.fatal is None:
                 raise
@@ -441,19 +447,41 @@ def _run(tuner, driver: SweepDriver, progress):
     previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Tune logs a crashed trial (a lost node included) as an ERROR with a traceback; the progress view already
-    # shows it as one [retry] / FAILED line, and its error is recorded in trials.parquet
-    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
-    level = controller_log.level
-    controller_log.setLevel(logging.CRITICAL)
+    # shows it as one [retry] / FAILED line, and its error is recorded in trials.parquet.
+    # An object store that is down makes Tune log a traceback every time it saves its state; the progress view
+    # shows one line about it instead (the mirror's status), and Tune saves its state again once it is back.
+    quiet = [logging.getLogger(name) for name in ("ray.tune.execution.tune_controller",
+                                                  "ray.tune.execution.experiment_state", "ray.train._internal.storage",
+                                                  "ray.train._internal.syncer")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.CRITICAL)
     try:
         with driver, progress:
             return tuner.fit()
     finally:
-        controller_log.setLevel(level)
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
         if previous is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+
+
+def _results_after_outage(driver: SweepDriver, place: _Place, error: BaseException, console) -> list:
+    """``Tuner.fit`` ran every trial but could not read Ray Tune's final state back from the object store (it
+    was unreachable as the sweep ended). The trials Tune reported to the driver carry the same results (last
+    report, checkpoint, config): reconcile from those. Every trial that ended is in the local store already."""
+    from types import SimpleNamespace
+
+    from skinsweep.sweep.storage import brief_error
+
+    console.print(f"[yellow]warning[/]: {place.remote.uri} was unreachable as the sweep ended ({brief_error(error)}): "
+                  f"the trials are all in the local store {place.out_dir}, but Ray Tune's state in the object store "
+                  "is from before the outage (a later --resume may run the trials that ended during it again)",
+                  highlight=False, soft_wrap=True)
+    return [SimpleNamespace(metrics=t.last_result or {}, checkpoint=t.checkpoint, config=t.config)
+            for t in driver.trials.values()]
 
 
 def _reconcile(store, recipe, grid, place: _Place, *, resume: bool, console) -> list[str]:
