@@ -514,20 +514,23 @@ def test_checkpoint_is_fetched_once_the_object_store_is_back(tmp_path, s3):
     driver = SweepDriver(store, recipe, str(tmp_path / "split.parquet"), progress, remote_sweep("s3://sweeps/runs", "ev"))
     a = _completed("ev_0", 1e-3, _Ckpt(_trial_folder(tmp_path / "a", "ev_0"), fail=1))
     b = _completed("ev_1", 2e-3, _Ckpt(_trial_folder(tmp_path / "b", "ev_1"), fail=3))
+    c = _completed("ev_2", 3e-3, _Ckpt(_trial_folder(tmp_path / "c", "ev_2")))
     events = _Events()
     with driver, progress:
-        for t in (a, b):
+        for t in (a, b, c):
             events.on_trial_start(0, [], t)
         events.on_trial_complete(0, [], a)  # unreachable: deferred, the sweep goes on
         assert store.trial_ids() == set() and set(driver.deferred) == {"ev_0"}
-        events.on_trial_complete(0, [], b)  # a is fetched now; b's fetch fails (2 more failures to come)
-        assert store.trial_ids() == {"ev_0"} and set(driver.deferred) == {"ev_1"}
+        events.on_trial_complete(0, [], b)  # still unreachable: deferred too, a not tried again
+        assert store.trial_ids() == set() and set(driver.deferred) == {"ev_0", "ev_1"}
+        events.on_trial_complete(0, [], c)  # reachable: c, then a; b's fetch fails once more
+        assert store.trial_ids() == {"ev_0", "ev_2"} and set(driver.deferred) == {"ev_1"}
     assert driver.retry_deferred(10) == []  # the end of the sweep: retried with backoff until it works
     assert driver.finish_mirror(20) == []
     t = store.trials().set_index("trial_id")
-    assert set(t.index) == {"ev_0", "ev_1"} and (t["status"] == "completed").all()
+    assert set(t.index) == {"ev_0", "ev_1", "ev_2"} and (t["status"] == "completed").all()
     assert all(Path(c).is_file() for c in t["checkpoint"])
-    assert set(store.predictions()["trial_id"]) == {"ev_0", "ev_1"}
+    assert set(store.predictions()["trial_id"]) == {"ev_0", "ev_1", "ev_2"}
     text = buf.getvalue()
     assert "ev_0: its checkpoint cannot be fetched from s3://sweeps/runs/ev yet (Could not connect to server)" in text
     assert "Traceback" not in text

@@ -169,9 +169,9 @@ class SweepDriver:
 
     def finished(self, trial) -> None:
         self.trials[trial.trial_id] = trial
-        self._consolidate(trial)
-        for t in list(self.deferred.values()):  # the object store may be back: fetch what is waiting
-            if t.trial_id != trial.trial_id:
+        fetched = self._consolidate(trial)
+        if fetched and self.deferred and (self.mirror is None or self.mirror.error is None):
+            for t in list(self.deferred.values()):  # the object store is back: fetch what is waiting
                 self._consolidate(t)
 
     def _consolidate(self, trial) -> bool:

@@ -267,8 +267,8 @@ def run_sweep(
         except storage_errors() as e:
             if driver.fatal is not None:
                 raise DataError(driver.fatal.with_command(resume_cmd)) from None
-            if place.remote is None:
-                raise
+            if place.remote is None or any(t.status not in ("TERMINATED", "ERROR") for t in driver.trials.values()):
+                raise  # not the end of a finished run: a real error
             grid = _results_after_outage(driver, place, e, console)
         except Exception:
             if driver.fatal is None:
