@@ -337,7 +337,7 @@ def test_disk_full_mid_sweep_stops_with_one_line_then_resume_completes(data, tmp
 @pytest.mark.timeout(600)
 def test_worker_node_dies_mid_sweep(data, tmp_path):
     """Every process of the second node is killed (SIGKILL, as if the machine went away) while one of its trials
-    trains: the trial is retried on the head (recipe `retries` → Tune's max_failures), the sweep ends with exactly
+    runs: the trial is retried on the head (recipe `retries` → Tune's max_failures), the sweep ends with exactly
     num_samples trials, and every completed trial has its predictions and checkpoint in the store."""
     import subprocess
     import sys
@@ -356,7 +356,7 @@ def test_worker_node_dies_mid_sweep(data, tmp_path):
         out = tmp_path / "sweep.log"
         with open(out, "w") as log:
             proc = subprocess.Popen([sys.executable, "-m", "skinsweep.cli", "sweep", str(recipe), "--address",
-                                     cluster.address, "--set", "scheduler.type=none", "--set", "trial.epochs=4"],
+                                     cluster.address, "--set", "scheduler.type=none", "--set", "trial.epochs=8"],
                                     cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=cluster.env)
         # wait until a trial trains on the doomed node (a Tune trainable actor among its processes), then kill
         # every process of that node
@@ -365,7 +365,7 @@ def test_worker_node_dies_mid_sweep(data, tmp_path):
             victims = cluster.pids("doomed")
             running = [p for p in victims if "ImplicitFunc" in cluster._procs().get(p, (0, ""))[1]]
             if running:
-                time.sleep(3)  # into its training
+                time.sleep(1)  # the trial is starting or training (8 epochs: ~5 s of start-up and training here)
                 break
             time.sleep(0.2)
         else:

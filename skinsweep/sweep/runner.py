@@ -270,6 +270,7 @@ def run_sweep(
             if place.remote is None or any(t.status not in ("TERMINATED", "ERROR") for t in driver.trials.values()):
                 raise  # not the end of a finished run: a real error
             grid = _results_after_outage(driver, place, e, console)
+            resume = False  # the grid holds this run's trials only: no trial of an earlier run is an orphan
         except Exception:
             if driver.fatal is None:
                 raise
