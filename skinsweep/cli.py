@@ -342,6 +342,20 @@ def results_query(
     _print_frame(query(path, sql), title=None)
 
 
+@results_app.command("sync")
+@user_errors
+def results_sync(
+    path: Path = typer.Argument(..., metavar="DIR", help="Sweep folder (results/<sweep>, or the sweep's --results-dir)."),
+    storage: Optional[str] = typer.Option(None, "--storage", metavar="URI", help="Object store to copy to, as a recipe's storage: (s3://bucket/prefix; the sweep's name is appended). Default: where the sweep mirrored to (its sweep.json)."),
+) -> None:
+    """Copy what the object-store mirror of a sweep lacks (after an outage, or to a new bucket)."""
+    from skinsweep.sweep.storage import sync_store
+
+    r = sync_store(path, storage)
+    out.print(f"synced {path} → {r['uri']}: {r['uploaded']} of {r['files']} files copied, "
+              f"{r['files'] - r['uploaded']} already there", highlight=False)
+
+
 def _print_frame(df, title: Optional[str]) -> None:
     t = Table(title=title)
     for c in df.columns:

@@ -120,29 +120,60 @@ def real_labels_dir(tmp_path_factory):
     return root
 
 
+class S3Server:
+    """moto's S3 server on loopback; :meth:`stop` and :meth:`start` take it away and bring it back on the same
+    port with the same buckets and objects (moto keeps them in this process), like an object-store outage."""
+
+    def __init__(self) -> None:
+        import pyarrow.fs as pafs
+        from moto.server import ThreadedMotoServer
+
+        self._cls = ThreadedMotoServer
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.host, self.port = self.server.get_host_and_port()
+        self.url = f"http://{self.host}:{self.port}"
+        self.fs = pafs.S3FileSystem(endpoint_override=f"{self.host}:{self.port}", scheme="http", access_key="testing",
+                                    secret_key="testing", region="us-east-1")
+
+    def stop(self) -> None:
+        """Connections are refused from now on (the listening socket is closed, not just no longer served)."""
+        if self.server is not None:
+            self.server.stop()
+            self.server._server.server_close()
+            self.server = None
+
+    def start(self) -> None:
+        if self.server is None:
+            self.server = self._cls(ip_address=self.host, port=self.port, verbose=False)
+            self.server.start()
+
+
 @pytest.fixture
-def s3(monkeypatch):
+def s3_server(monkeypatch):
     """An S3 server on loopback with an empty bucket ``sweeps``; the AWS_* environment points at it (Ray's
-    workers inherit it). Returns a pyarrow S3FileSystem on it."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+    workers inherit it). Returns an :class:`S3Server` (``.fs``: a pyarrow S3FileSystem on it)."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
     import urllib.request
 
     import boto3
-    import pyarrow.fs as pafs
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    server = S3Server()
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+                 "AWS_ENDPOINT_URL": server.url, "AWS_EC2_METADATA_DISABLED": "true"}.items():
         monkeypatch.setenv(k, v)
     # moto keeps its buckets in process-wide state: start every test from an empty server
-    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"), timeout=10)
+    urllib.request.urlopen(urllib.request.Request(f"{server.url}/moto-api/reset", method="POST"), timeout=10)
     boto3.client("s3").create_bucket(Bucket="sweeps")
-    yield pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
-                            secret_key="testing", region="us-east-1")
+    yield server
     server.stop()
+
+
+@pytest.fixture
+def s3(s3_server):
+    """:func:`s3_server`'s pyarrow S3FileSystem."""
+    return s3_server.fs
 
 
 # ---- a tiny sweep (no Ray): the ensemble, evaluate, recalibrate and compare tests share it ---------------

@@ -375,3 +375,306 @@ def test_disk_full_mid_sweep_stops_with_one_line_then_resume_completes(data, tmp
     assert outcome.n_trials == 4 and len(t) == 4 and t["trial_id"].is_unique
     assert first["trial_id"][0].as_py() in set(t["trial_id"])
     assert set(pd.read_parquet(out / "predictions")["trial_id"]) == set(t.loc[t["status"] == "completed", "trial_id"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. A worker node dies mid-sweep (Ray cluster of `ray start` nodes on loopback)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_worker_node_dies_mid_sweep(data, tmp_path):
+    """Every process of the second node is killed (SIGKILL, as if the machine went away) while one of its trials
+    runs: the trial is retried on the head (recipe `retries` → Tune's max_failures), the sweep ends with exactly
+    num_samples trials, and every completed trial has its predictions and checkpoint in the store."""
+    import subprocess
+    import sys
+
+    from test_runner import ROOT, RayCluster
+
+    needs_loopback()
+    env = dict(os.environ, RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+    cluster = RayCluster(6393, env)
+    proc = None
+    try:
+        cluster.start_head("--num-cpus=1")
+        cluster.add_node("--num-cpus=2", '--resources={"doomed": 2}')
+        doomed = cluster.node_id("doomed")
+        recipe = write_recipe(tmp_path / "r.yaml", name="nodeloss", storage=tmp_path / "res", data=data, n=4)
+        out = tmp_path / "sweep.log"
+        with open(out, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "skinsweep.cli", "sweep", str(recipe), "--address",
+                                     cluster.address, "--set", "scheduler.type=none", "--set", "trial.epochs=8"],
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=cluster.env)
+        # wait until a trial trains on the doomed node (a Tune trainable actor among its processes), then kill
+        # every process of that node
+        deadline, victims = time.time() + 240, set()
+        while time.time() < deadline and proc.poll() is None:
+            victims = cluster.pids("doomed")
+            running = [p for p in victims if "ImplicitFunc" in cluster._procs().get(p, (0, ""))[1]]
+            if running:
+                time.sleep(1)  # the trial is starting or training (8 epochs: ~5 s of start-up and training here)
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no trial ran on the second node:\n" + out.read_text()[-3000:])
+        cluster.kill(cluster.pids("doomed"))
+        killed_at = time.time()
+        proc.wait(timeout=420)
+        log_text = out.read_text()
+        assert proc.returncode == 0, log_text[-4000:]
+        store = tmp_path / "res" / "nodeloss"
+        t = pd.read_parquet(store / "trials.parquet")
+        assert len(t) == 4 and t["trial_id"].is_unique, t[["trial_id", "status", "node"]]
+        assert (t["status"] == "completed").all(), t[["trial_id", "status", "error"]]
+        retried = t[t["attempts"] > 1]
+        assert len(retried) >= 1 and "[retry]" in log_text, (t[["trial_id", "attempts", "node"]], log_text[-3000:])
+        assert (retried["node"] != doomed).all()  # retried on the surviving node
+        assert (t.loc[pd.to_datetime(t["finished_at"]).map(lambda x: x.timestamp()) > killed_at + 1, "node"]
+                != doomed).all()  # nothing ran on the dead node after it died
+        preds = pd.read_parquet(store / "predictions")
+        assert set(preds["trial_id"]) == set(t["trial_id"])
+        assert not preds.duplicated(["trial_id", "image_id", "split"]).any()
+        for ck in t["checkpoint"]:
+            assert Path(ck).is_file()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cluster.stop()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The object store is slow or goes away (driver side, no Ray: Tune's events fed with made-up trials)
+# ----------------------------------------------------------------------------------------------------
+
+def _recipe(tmp_path, storage):
+    from conftest import make_rows, write_isic
+    from skinsweep.sweep.recipe import load_recipe
+
+    data = write_isic(tmp_path / "isic", make_rows(20))
+    f = tmp_path / "r.yaml"
+    f.write_text(f"""
+name: ev
+storage: {storage}
+data: {{root: {data}}}
+trial: {{backbone: tiny_resnet, mode: finetune, epochs: 3}}
+trials: [{{lr: 1.0e-3}}, {{lr: 2.0e-3}}, {{lr: 3.0e-3}}, {{lr: 4.0e-3}}]
+""")
+    return load_recipe(f)
+
+
+class _Ckpt:
+    """A Tune checkpoint stand-in: a trial folder that cannot be read the first ``fail`` times."""
+
+    def __init__(self, folder: Path, fail: int = 0, error=OSError("AWS Error NETWORK_CONNECTION during GetObject "
+                                                                   "operation: curlCode: 7, Could not connect to server")):
+        self.path, self.folder, self.fail, self.error = str(folder), folder, fail, error
+
+    def to_directory(self, dest=None):
+        import shutil
+
+        if self.fail:
+            self.fail -= 1
+            raise self.error
+        shutil.copytree(self.folder, dest)
+        return dest
+
+
+def _trial_folder(root: Path, trial_id: str) -> Path:
+    from test_results import preds, summary
+
+    s = summary(trial_id)
+    root.mkdir(parents=True)
+    (root / "summary.json").write_text(__import__("json").dumps(s))
+    preds(s).to_parquet(root / "predictions.parquet")
+    (root / "checkpoint.safetensors").write_bytes(b"weights")
+    return root
+
+
+def _completed(trial_id: str, lr: float, ckpt) -> object:
+    from test_runner import fake_trial
+    from skinsweep.sweep.driver import FINAL_KEY
+
+    return fake_trial(trial_id, {"lr": lr}, last_result={FINAL_KEY: 1, "val_auc": 0.8, "node": "n1"},
+                      status="TERMINATED", checkpoint=ckpt)
+
+
+def test_driver_never_waits_for_a_slow_mirror(tmp_path, monkeypatch):
+    """Mirror passes that take 1 s each: every trial's end is handled at once (the next trial's events are not
+    held up), the passes are folded together, and the end of the sweep waits for the last one."""
+    import io
+
+    from rich.console import Console
+
+    import skinsweep.sweep.storage as storage
+    from skinsweep.sweep.driver import SweepDriver
+    from skinsweep.sweep.progress import SweepProgress
+    from skinsweep.sweep.runner import _Events
+    from test_runner import fake_trial
+
+    passes = []
+
+    def slow_mirror(local, remote, **kw):
+        time.sleep(1.0)
+        passes.append(sorted(p.name for p in (Path(local) / "history").glob("*.parquet")))
+        return 1
+
+    monkeypatch.setattr(storage, "mirror", slow_mirror)
+    recipe = _recipe(tmp_path, "s3://sweeps/runs")
+    remote = storage.Remote(uri="s3://sweeps/runs/ev", fs=None, path="sweeps/runs/ev", scheme="s3")
+    progress = SweepProgress(Console(file=io.StringIO(), width=300), name="ev", total=4)
+    store = ResultsStore(tmp_path / "local")
+    driver = SweepDriver(store, recipe, str(tmp_path / "split.parquet"), progress, remote)
+    events, handled = _Events(), []
+    with driver, progress:
+        for k in range(4):  # each trial ends (ASHA stopped it after one epoch): consolidated, then mirrored
+            t = fake_trial(f"ev_{k}", {"lr": (k + 1) * 1e-3})
+            events.on_trial_start(0, [], t)
+            t.last_result = {"epoch": 1, "val_auc": 0.6, "val_loss": 0.5}
+            events.on_trial_result(0, [], t, t.last_result)
+            t0 = time.monotonic()
+            events.on_trial_complete(0, [], t)
+            handled.append(time.monotonic() - t0)
+    assert max(handled) < 0.5, handled  # not one waited for a 1 s mirror pass
+    assert driver.finish_mirror(10) == []
+    assert 1 <= len(passes) <= 3, passes  # 4 requests folded into fewer passes; the last saw all 4 trials
+    assert passes[-1] == [f"ev_{k}.parquet" for k in range(4)]
+    assert len(store.trials()) == 4
+
+
+def test_checkpoint_is_fetched_once_the_object_store_is_back(tmp_path, s3):
+    """A trial ends while the object store is unreachable: its checkpoint is fetched after the next trial (or
+    at the end) instead of the sweep failing, and its row, predictions and checkpoint copy reach the store."""
+    import io
+
+    from rich.console import Console
+
+    from skinsweep.sweep.driver import SweepDriver
+    from skinsweep.sweep.progress import SweepProgress
+    from skinsweep.sweep.runner import _Events
+    from skinsweep.sweep.storage import remote_sweep
+
+    recipe = _recipe(tmp_path, "s3://sweeps/runs")
+    buf = io.StringIO()
+    progress = SweepProgress(Console(file=buf, width=300), name="ev", total=4)
+    store = ResultsStore(tmp_path / "local")
+    driver = SweepDriver(store, recipe, str(tmp_path / "split.parquet"), progress, remote_sweep("s3://sweeps/runs", "ev"))
+    a = _completed("ev_0", 1e-3, _Ckpt(_trial_folder(tmp_path / "a", "ev_0"), fail=1))
+    b = _completed("ev_1", 2e-3, _Ckpt(_trial_folder(tmp_path / "b", "ev_1"), fail=3))
+    c = _completed("ev_2", 3e-3, _Ckpt(_trial_folder(tmp_path / "c", "ev_2")))
+    events = _Events()
+    with driver, progress:
+        for t in (a, b, c):
+            events.on_trial_start(0, [], t)
+        events.on_trial_complete(0, [], a)  # unreachable: deferred, the sweep goes on
+        assert store.trial_ids() == set() and set(driver.deferred) == {"ev_0"}
+        events.on_trial_complete(0, [], b)  # still unreachable: deferred too, a not tried again
+        assert store.trial_ids() == set() and set(driver.deferred) == {"ev_0", "ev_1"}
+        events.on_trial_complete(0, [], c)  # reachable: c, then a; b's fetch fails once more
+        assert store.trial_ids() == {"ev_0", "ev_2"} and set(driver.deferred) == {"ev_1"}
+    assert driver.retry_deferred(10) == []  # the end of the sweep: retried with backoff until it works
+    assert driver.finish_mirror(20) == []
+    t = store.trials().set_index("trial_id")
+    assert set(t.index) == {"ev_0", "ev_1", "ev_2"} and (t["status"] == "completed").all()
+    assert all(Path(c).is_file() for c in t["checkpoint"])
+    assert set(store.predictions()["trial_id"]) == {"ev_0", "ev_1", "ev_2"}
+    text = buf.getvalue()
+    assert "ev_0: its checkpoint cannot be fetched from s3://sweeps/runs/ev yet (Could not connect to server)" in text
+    assert "Traceback" not in text
+
+
+def test_unreadable_local_checkpoint_is_recorded_as_failed(tmp_path):
+    """Local storage whose checkpoint folder the driver cannot read (a node's own disk, gone with the node): the
+    trial is recorded as failed, saying why, and the sweep goes on."""
+    import io
+
+    from rich.console import Console
+
+    from skinsweep.sweep.driver import SweepDriver
+    from skinsweep.sweep.progress import SweepProgress
+    from skinsweep.sweep.runner import _Events
+
+    recipe = _recipe(tmp_path, tmp_path / "res")
+    progress = SweepProgress(Console(file=io.StringIO(), width=300), name="ev", total=4)
+    store = ResultsStore(tmp_path / "res" / "ev")
+    gone = _Ckpt(tmp_path / "node2" / "checkpoint_000000", fail=1, error=FileNotFoundError(2, "No such file or directory"))
+    a = _completed("ev_0", 1e-3, gone)
+    with SweepDriver(store, recipe, str(tmp_path / "split.parquet"), progress), progress:
+        _Events().on_trial_start(0, [], a)
+        _Events().on_trial_complete(0, [], a)
+    row = store.trials().iloc[0]
+    assert row["status"] == "failed" and row["error"].startswith(f"its checkpoint {tmp_path}/node2/checkpoint_000000 "
+                                                                 "cannot be read on the driver")
+    assert "every node can reach" in row["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_object_store_outage_mid_sweep(data, tmp_path, s3_server, monkeypatch):
+    """`storage: s3://…` and the S3 server goes away twice. The first outage starts right after the first trial
+    is consolidated and lasts 20 s: trials keep training (the ones that end meanwhile wait to save their
+    checkpoint), the mirror backs off and says so, then catches up. The second starts after the last trial
+    and outlasts the sweep: the sweep ends with a complete local store and says what is not mirrored;
+    `skinsweep results sync` sends it once the server is back."""
+    import io
+    import threading
+
+    import pyarrow.fs as pafs
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import skinsweep.sweep.driver as driver_mod
+    from skinsweep.cli import app
+    from skinsweep.results import load
+    from skinsweep.sweep.runner import run_sweep
+
+    needs_loopback()
+    monkeypatch.setenv("SKINSWEEP_MIRROR_WAIT", "5")     # the end of the sweep waits 5 s for the mirror
+    monkeypatch.setenv("SKINSWEEP_STORAGE_WAIT", "300")  # trials wait up to 5 min for the object store
+    real, n, events = driver_mod.consolidate_trial, [0], []
+
+    def consolidate_then_outage(*args, **kw):
+        status = real(*args, **kw)
+        n[0] += 1
+        if n[0] == 1:  # first trial in the store, before it is mirrored: the server goes away for 20 s
+            s3_server.stop()
+            events.append(("down", time.time()))
+            threading.Timer(20, lambda: (s3_server.start(), events.append(("up", time.time())))).start()
+        elif n[0] == 4:  # the last one: away until after the sweep
+            s3_server.stop()
+            events.append(("down", time.time()))
+        return status
+
+    monkeypatch.setattr(driver_mod, "consolidate_trial", consolidate_then_outage)
+    recipe = write_recipe(tmp_path / "r.yaml", name="outage", storage="s3://sweeps/runs", data=data, n=4)
+    local = tmp_path / "local"
+    buf = io.StringIO()
+    outcome = run_sweep(recipe, overrides=["scheduler.type=none", "trial.epochs=3"], results_dir=local,
+                        console=Console(file=buf, width=300))
+    text = buf.getvalue()
+    (tmp_path / "sweep.log").write_text(text)  # what a user saw, for a failing run
+    assert [e for e, _ in events] == ["down", "up", "down"], events
+    # the local store is complete
+    res = load(local)
+    t = res.trials
+    assert len(t) == 4 and (t["status"] == "completed").all(), (t[["trial_id", "status", "error"]], text[-3000:])
+    assert (t["attempts"] == 1).all()  # nothing had to be trained again
+    assert set(res.predictions["trial_id"]) == set(t["trial_id"])
+    assert all(Path(c).is_file() for c in t["checkpoint"])
+    # the first outage: reported with its backoff, then caught up
+    assert "mirror: s3://sweeps/runs/outage unreachable (" in text and "files waiting, retry in " in text, text[-3000:]
+    assert "mirror: s3://sweeps/runs/outage reachable again; the mirror has caught up" in text
+    # the second: the sweep ends anyway and says what is left, and how to send it
+    assert outcome.unmirrored and "trials.parquet" in outcome.unmirrored, outcome.unmirrored
+    assert f"not yet in s3://sweeps/runs/outage" in text and f"skinsweep results sync {local}" in text
+    s3_server.start()
+    r = CliRunner().invoke(app, ["results", "sync", str(local)])
+    assert r.exit_code == 0, r.output
+    assert f"{len(outcome.unmirrored)} of " in r.output, (r.output, outcome.unmirrored)
+    base = "sweeps/runs/outage"
+    keys = {i.path.removeprefix(base + "/") for i in s3_server.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            if i.type == pafs.FileType.File}
+    assert {f"predictions/{i}.parquet" for i in t["trial_id"]} <= keys and {"trials.parquet", "sweep.json"} <= keys
+    with s3_server.fs.open_input_stream(f"{base}/trials.parquet") as f:
+        assert f.read() == (local / "trials.parquet").read_bytes()

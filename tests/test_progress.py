@@ -113,3 +113,25 @@ def test_a_failed_trial_restored_on_resume_shows_no_epoch() -> None:
     assert p.rows["a"].epoch is None and p.rows["b"].epoch == 4
     p.finished("a", "failed", None, epoch=float("nan"))
     assert "nan" not in buf.getvalue()
+
+
+def test_mirror_status_under_the_header_on_a_terminal_and_as_lines_elsewhere():
+    """The object-store mirror falling behind: on a terminal a line under the header (gone once it has caught
+    up); outside one, the lines the mirror sends, as they come."""
+    status = ["mirror: s3://b/p/s unreachable (Could not connect to server), 3 files waiting, retry in 8 s"]
+    con, buf = console(terminal=True)
+    p = SweepProgress(con, name="s", total=2)
+    p.mirror_status = lambda: status[0]
+    with p:
+        p.started("a", "tiny_resnet", "finetune", {"lr": 0.001}, epochs=3)
+        p.note(status[0])  # not printed on a terminal: the live view shows the status instead
+        lines = [str(x) for x in p.render().renderables[:2]]
+        assert lines == [p.header(), status[0]]
+        status[0] = ""
+        assert len(p.render().renderables) == 2  # header and table: nothing about the mirror once it keeps up
+    assert buf.getvalue().count("retry in 8 s") == 1  # drawn once, in the live view
+    con, buf = console(terminal=False)
+    p = SweepProgress(con, name="s", total=2)
+    with p:
+        p.note("mirror: s3://b/p/s reachable again; the mirror has caught up")
+    assert buf.getvalue() == "mirror: s3://b/p/s reachable again; the mirror has caught up\n"

@@ -163,27 +163,100 @@ def test_resume_after_driver_killed(data, tmp_path):
     assert set(preds["trial_id"]) == set(t.loc[t["status"] == "completed", "trial_id"])
 
 
+class RayCluster:
+    """A Ray cluster of ``ray start`` nodes on loopback, in its own temp folder, torn down by pid.
+
+    Teardown kills exactly this cluster's processes (those whose command line names its temp folder, and
+    their descendants), never ``ray stop``, which would stop every Ray process on the machine.
+    """
+
+    def __init__(self, port: int, env: dict | None = None) -> None:
+        import tempfile
+
+        self.port, self.ray = port, Path(sys.executable).parent / "ray"
+        self.env = dict(os.environ if env is None else env)
+        self.temp = tempfile.mkdtemp(prefix="ssray-", dir="/tmp")  # short: Unix socket paths are limited
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_head(self, *args: str) -> None:
+        r = subprocess.run([str(self.ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+                            "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.temp}", *args],
+                           capture_output=True, text=True, env=self.env, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        if (Path.home() / ".ray" / "auth_token").exists():
+            self.env["RAY_AUTH_MODE"] = "token"
+
+    def add_node(self, *args: str) -> None:
+        r = subprocess.run([str(self.ray), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                            "--disable-usage-stats", *args], capture_output=True, text=True, env=self.env, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    @staticmethod
+    def _procs() -> dict[int, tuple[int, str]]:
+        """{pid: (parent pid, command line)} of the processes running now."""
+        out = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                out[int(d.name)] = (ppid, cmd)
+        return out
+
+    def pids(self, must: str = "") -> set[int]:
+        """This cluster's processes (whose command line names its temp folder and ``must``) and their descendants."""
+        procs = self._procs()
+        found = {p for p, (_, cmd) in procs.items() if self.temp in cmd and must in cmd}
+        while True:
+            more = {p for p, (pp, _) in procs.items() if pp in found} - found
+            if not more:
+                return found
+            found |= more
+
+    def kill(self, pids: set[int]) -> None:
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def node_id(self, must: str) -> str:
+        """The node id of the node whose raylet's command line contains ``must`` (e.g. its custom resource)."""
+        import re
+
+        for _, cmd in self._procs().values():
+            if self.temp in cmd and "raylet" in cmd and must in cmd:
+                return re.search(r"--node_id=(\w+)", cmd).group(1)
+        raise AssertionError(f"no raylet with {must!r}")
+
+    def stop(self) -> None:
+        import shutil
+
+        for _ in range(20):
+            left = self.pids()
+            if not left:
+                break
+            self.kill(left)
+            time.sleep(0.5)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
 def test_two_node_cluster(data, tmp_path):
     """A Ray head and a second node on loopback (`ray start`), a sweep with --address, trials on both."""
     needs_loopback()
-    ray_bin = Path(sys.executable).parent / "ray"
-    env = dict(os.environ)
-    port = "6391"
-    head = subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                           "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    cluster = RayCluster(6391)
     try:
-        assert head.returncode == 0, head.stdout + head.stderr
-        if (Path.home() / ".ray" / "auth_token").exists():
-            env["RAY_AUTH_MODE"] = "token"
-        worker = subprocess.run([str(ray_bin), "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                                 "--num-cpus=1", "--disable-usage-stats"], capture_output=True, text=True, env=env,
-                                timeout=120)
-        assert worker.returncode == 0, worker.stdout + worker.stderr
+        cluster.start_head("--num-cpus=1")
+        cluster.add_node("--num-cpus=1")
         recipe = write_recipe(tmp_path / "r.yaml", name="multi", storage=tmp_path / "res", data=data, n=4)
         r = subprocess.run([sys.executable, "-m", "skinsweep.cli", "sweep", str(recipe), "--address",
-                            f"127.0.0.1:{port}", "--set", "scheduler.type=none", "--set", "trial.epochs=2"],
-                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=400)
+                            cluster.address, "--set", "scheduler.type=none", "--set", "trial.epochs=2"],
+                           cwd=ROOT, capture_output=True, text=True, env=cluster.env, timeout=400)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         t = pd.read_parquet(tmp_path / "res" / "multi" / "trials.parquet")
         assert len(t) == 4 and (t["status"] == "completed").all()
@@ -193,7 +266,7 @@ def test_two_node_cluster(data, tmp_path):
         for ck in t["checkpoint"]:
             assert Path(ck).is_file()  # every artefact reached the results store
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+        cluster.stop()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -193,7 +193,7 @@ def _to_utc(value: Any, what: str) -> dt.datetime | None:
     except (TypeError, ValueError):
         raise ConfigError(f"{what}: {value!r} is not a time; pass a datetime, ISO string or epoch seconds") from None
     ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    return ts.to_pydatetime(warn=False)  # a datetime holds microseconds; the nanoseconds go, silently
+    return ts.floor("us").to_pydatetime()  # Python datetimes hold microseconds (epoch floats carry ns noise)
 
 
 def _finite(v: Any) -> bool:

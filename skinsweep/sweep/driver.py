@@ -114,9 +114,16 @@ class SweepDriver:
         self.store, self.recipe, self.split_file = store, recipe, split_file
         self.progress, self.remote = progress, remote
         self.budget = budget or Budget(None)
+        self.mirror = None  # the background mirror to object-store storage (skinsweep.sweep.storage.MirrorWorker)
+        if remote is not None:
+            from skinsweep.sweep.storage import MirrorWorker
+
+            self.mirror = MirrorWorker(store.root, remote, notify=progress.note)
+            progress.mirror_status = self.mirror.status_line
+        self.deferred: dict[str, object] = {}  # trials whose checkpoint could not be fetched yet (storage down)
         self.started_at: dict[str, float] = {}  # trial id → time.time() of its (first) start
+        self.trials: dict[str, object] = {}     # trial id → Tune's trial, as last seen in an event
         self.metric = recipe.scheduler.metric
-        self.mirror_error: str | None = None
         self.history: dict[str, list[dict]] = {}  # per-epoch results, stored for trials pruned by ASHA
         self.fatal: StoreWriteError | None = None   # why the sweep had to stop (the store cannot be written)
 
@@ -140,6 +147,7 @@ class SweepDriver:
 
     def started(self, trial) -> None:
         self.started_at.setdefault(trial.trial_id, time.time())
+        self.trials[trial.trial_id] = trial
         params = trial_params(self.recipe, trial.config)
         cfg = self.recipe.trial_config(params, split=self.split_file)
         hparams = {k: v for k, v in params.items() if k not in ("backbone", "mode")}
@@ -160,9 +168,20 @@ class SweepDriver:
         self.progress.retrying(trial.trial_id, trial.num_failures + 1, _last_error(trial))
 
     def finished(self, trial) -> None:
+        self.trials[trial.trial_id] = trial
+        fetched = self._consolidate(trial)
+        if fetched and self.deferred and (self.mirror is None or self.mirror.error is None):
+            for t in list(self.deferred.values()):  # the object store is back: fetch what is waiting
+                self._consolidate(t)
+
+    def _consolidate(self, trial) -> bool:
+        """Add an ended trial to the store and show it; False when its checkpoint cannot be fetched from the
+        object store yet (it is retried after the next trial and at the end, see :meth:`retry_deferred`)."""
+        from skinsweep.sweep.storage import brief_error, storage_errors
+
         try:
             status = consolidate_trial(self.store, self.recipe, trial, self.split_file, remote=self.remote,
-                                       history=self.history.pop(trial.trial_id, None),
+                                       history=self.history.get(trial.trial_id),
                                        started_at=self.started_at.get(trial.trial_id))
             self.budget.save(self.store.root)
         except StoreWriteError as e:
@@ -171,35 +190,93 @@ class SweepDriver:
             # this into one line; the trial is added again from its checkpoint by --resume.
             self.fatal = e
             raise
+        except storage_errors() as e:
+            if self.remote is None:
+                # Local / NFS storage whose checkpoint folder the driver cannot read (a path on a node's own
+                # disk, gone with the node): record the trial as failed, saying why, and go on with the sweep.
+                cfg = self.recipe.trial_config(trial_params(self.recipe, trial.config), split=self.split_file)
+                where = getattr(trial.checkpoint, "path", None)
+                self.store.add_failed(
+                    trial.trial_id, cfg.model_dump(),
+                    f"its checkpoint {where} cannot be read on the driver ({first_line(e)[:200]}); storage must be "
+                    "a folder every node can reach (NFS) or an object store (s3://…)",
+                    extra=_row_extra(self.recipe, trial_params(self.recipe, trial.config), trial.last_result or {})
+                    | {"attempts": trial.num_failures + 1})
+                self.history.pop(trial.trial_id, None)
+                self.progress.finished(trial.trial_id, "failed")
+                return True
+            # The object store is unreachable: the checkpoint is safe there; fetch it when the store is back.
+            if trial.trial_id not in self.deferred:
+                self.progress.note(f"{trial.trial_id}: its checkpoint cannot be fetched from {self.remote.uri} yet "
+                                   f"({brief_error(e)}); trying again after the next trial and at the end")
+            self.deferred[trial.trial_id] = trial
+            return False
+        self.deferred.pop(trial.trial_id, None)
+        self.history.pop(trial.trial_id, None)
         df = self.store.trials()
         row = df[df["trial_id"] == trial.trial_id]
         value = row[self.metric].iloc[0] if len(row) and self.metric in row else None
         epochs = row["epochs_run"].iloc[0] if len(row) else None
         self.sync()
         self.progress.finished(trial.trial_id, status, value, epoch=epochs)  # it skips a null (NaN) epoch
+        return True
+
+    def retry_deferred(self, wait_s: float) -> list[str]:
+        """Consolidate the trials whose checkpoint the object store could not give yet, trying for up to
+        ``wait_s`` seconds (with backoff); returns the ids still missing."""
+        delay, end = 1.0, time.monotonic() + wait_s
+        while self.deferred:
+            for t in list(self.deferred.values()):
+                self._consolidate(t)
+            if not self.deferred or time.monotonic() >= end:
+                break
+            time.sleep(min(delay, max(0.0, end - time.monotonic())))
+            delay = min(delay * 2, 30.0)
+        return sorted(self.deferred)
 
     def sync(self, *, final: bool = False) -> None:
-        """Mirror the store to object-store storage. During the sweep a failure is a warning (the next
-        mirror catches up: it copies whatever changed); at the end it is an error."""
+        """Mirror the store to object-store storage. During the sweep this asks the background mirror for a pass
+        and returns at once (an unreachable store is retried with backoff and shown in the progress view);
+        ``final`` mirrors now, in this thread, and a failure is an error (the sweep's start: the split
+        manifest must be in storage before any trial reads it)."""
         if self.remote is None:
             return
-        import pyarrow as pa
-
-        from skinsweep.sweep.storage import mirror
+        if not final:
+            self.mirror.request()
+            return
+        from skinsweep.sweep.storage import brief_error, mirror, storage_errors
 
         try:
-            mirror(self.store.root, self.remote)
-            self.mirror_error = None
-        except (OSError, pa.ArrowException) as e:
-            msg = first_line(e)[:240]
-            if final:
-                raise ConfigError(f"could not copy the results store {self.store.root} to {self.remote.uri} ({msg}); "
-                                  "check the bucket, credentials and endpoint (AWS_ENDPOINT_URL), then run the "
-                                  "same command again (with --resume once trials have run)") from None
-            if self.mirror_error != msg:
-                self.progress.console.print(f"[yellow]warning[/]: could not copy results to {self.remote.uri} "
-                                            f"({msg}); retrying after the next trial", highlight=False)
-            self.mirror_error = msg
+            with self.mirror.lock:
+                mirror(self.store.root, self.remote)
+        except storage_errors() as e:
+            raise ConfigError(f"could not copy the results store {self.store.root} to {self.remote.uri} "
+                              f"({brief_error(e)}); check the bucket, credentials and endpoint "
+                              "(AWS_ENDPOINT_URL), then run the same command again (with --resume once trials "
+                              "have run)") from None
+
+    def finish_mirror(self, wait_s: float) -> list[str]:
+        """End of the sweep: wait up to ``wait_s`` seconds for the background mirror to catch up, stop it, and
+        return the store files still not mirrored (printing one line about them when there are any)."""
+        if self.mirror is None:
+            return []
+        from skinsweep.sweep.storage import pending
+
+        caught_up = self.mirror.flush(wait_s)
+        self.mirror.close()
+        left = [] if caught_up else pending(self.store.root)
+        if left:
+            self.progress.console.print(
+                f"[yellow]warning[/]: {len(left)} file(s) of the results store are not yet in {self.remote.uri} "
+                f"({self.mirror.error or 'timed out'}); the local store {self.store.root} is complete — copy them "
+                f"with `skinsweep results sync {self.store.root}` once the object store is reachable",
+                highlight=False, soft_wrap=True)
+        return left
+
+    def close(self) -> None:
+        """Stop the background mirror (what it has not copied stays in the local store)."""
+        if self.mirror is not None:
+            self.mirror.close()
 
 
 def consolidate_trial(store, recipe, trial, split_file: str, remote: Remote | None = None,

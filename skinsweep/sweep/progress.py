@@ -64,6 +64,8 @@ class SweepProgress:
         self.metric, self.mode, self.max_rows = metric, mode, max_rows
         self.live = console.is_terminal if live is None else live
         self.rows: dict[str, TrialRow] = {}
+        # a callable giving one line about the object-store mirror while it lags ('' otherwise); set by the driver
+        self.mirror_status = None
         self._seq = 0
         self._live: Live | None = None
 
@@ -132,6 +134,13 @@ class SweepProgress:
         self._emit(f"[{self.done()}/{self.total}] {row.trial_id} {row.status} {self._label(row, ids=False)}"
                    f"{self._epoch_text(row, ' · epoch ')}{value_text} — {self.summary()}{self._budget_text()}")
 
+    def note(self, line: str) -> None:
+        """A line about the sweep rather than one trial (the object-store mirror falling behind or catching up):
+        printed as is outside a terminal; on a terminal the live view shows :attr:`mirror_status` under the
+        header instead. Safe to call from another thread (the background mirror)."""
+        if self._live is None:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
     # ---- rendering --------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         return dict.fromkeys(STATUS_STYLE, 0) | Counter(r.status for r in self.rows.values())
@@ -173,7 +182,9 @@ class SweepProgress:
         return t
 
     def render(self) -> Group:
-        return Group(Text(self.header(), style="bold"), self.table())
+        mirror = self.mirror_status() if self.mirror_status is not None else ""
+        return Group(Text(self.header(), style="bold"), *([Text(mirror, style="yellow")] if mirror else []),
+                     self.table())
 
     # ---- internals --------------------------------------------------------------------------------
     def _budget_text(self) -> str:

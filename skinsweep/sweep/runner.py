@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from skinsweep.errors import ConfigError, DataError, StoreWriteError, first_line
 from skinsweep.results import SWEEP_JSON
 from skinsweep.sweep.driver import (EPOCH_KEY, FINAL_KEY, POINT_KEY, Budget, SweepDriver, active_driver,
                                     add_if_missing, trial_params)
-from skinsweep.sweep.storage import CHECKPOINTS_DIR, Remote
+from skinsweep.sweep.storage import CHECKPOINTS_DIR, MIRROR_WAIT_ENV, Remote, env_seconds, storage_errors
 
 
 OPTUNA_JOURNAL = "optuna.journal"  # search.study: journal — the Optuna study, next to the results
@@ -51,6 +51,7 @@ class SweepOutcome:
     budget_s: float | None = None   # search.time_budget
     budget_used_s: float = 0.0      # wall time used, earlier runs (--resume) included
     budget_spent: bool = False      # the budget, not num_samples, ended the sweep
+    unmirrored: list[str] = field(default_factory=list)  # store files not yet copied to object-store storage
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,13 +76,13 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
     recipe = SweepRecipe.model_validate_json(recipe_json)
     if split_remote is not None:
         from skinsweep.files import cache_dir, file_lock
-        from skinsweep.sweep.storage import fetch
+        from skinsweep.sweep.storage import fetch, retry_storage
 
         local_split = cache_dir() / "splits" / split_file
         if not local_split.is_file():
             with file_lock(local_split.with_name(f".{local_split.name}.lock")):  # one fetch per node
-                if not local_split.is_file():
-                    fetch(*split_remote, local_split)
+                if not local_split.is_file():  # an object store that is down is waited for (with backoff)
+                    retry_storage(lambda: fetch(*split_remote, local_split), "reading the split manifest")
         split_file = str(local_split)
     cfg = recipe.trial_config(trial_params(recipe, params), split=split_file)
     trial_id = tune.get_context().get_trial_id()
@@ -111,9 +112,16 @@ def _trainable(params: dict, recipe_json: str, split_file: str, split_remote: tu
         value = res.val.get(metric.removeprefix("val_")) if res.val else None
         worst = float("-inf") if recipe.scheduler.mode == "max" else float("inf")
         final[metric] = worst if value is None or value != value else value  # None or NaN: the worst
-        tune.report(final | {FINAL_KEY: 1, "status_code": 0 if res.status == "completed" else 1,
-                             BUDGET_KEY: int(res.status == "out_of_budget")} | where,
-                    checkpoint=tune.Checkpoint.from_directory(str(work / "trial")))
+        final |= {FINAL_KEY: 1, "status_code": 0 if res.status == "completed" else 1,
+                  BUDGET_KEY: int(res.status == "out_of_budget")} | where
+        # Ray copies the checkpoint to storage inside report(); an object store that is down then fails it. The
+        # trial has done its work: wait for the store (backoff, $SKINSWEEP_STORAGE_WAIT s) rather than fail and
+        # train again. (A failed report() has sent nothing; calling it again is safe.)
+        from skinsweep.sweep.storage import retry_storage
+
+        retry_storage(lambda: tune.report(dict(final), checkpoint=tune.Checkpoint.from_directory(str(work / "trial"))),
+                      f"trial {trial_id}: saving its checkpoint to storage",
+                      wait_s=None if split_remote is not None else 0)  # object stores only: a local disk is not waited for
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -256,24 +264,39 @@ def run_sweep(
                       + (f" --results-dir {place.out_dir}" if results_dir is not None else "") + "`")
         try:
             grid = _run(tuner, driver, progress)
+        except storage_errors() as e:
+            if driver.fatal is not None:
+                raise DataError(driver.fatal.with_command(resume_cmd)) from None
+            if place.remote is None or any(t.status not in ("TERMINATED", "ERROR") for t in driver.trials.values()):
+                raise  # not the end of a finished run: a real error
+            grid = _results_after_outage(driver, place, e, console)
+            resume = False  # the grid holds this run's trials only: no trial of an earlier run is an orphan
         except Exception:
             if driver.fatal is None:
                 raise
             raise DataError(driver.fatal.with_command(resume_cmd)) from None
         except KeyboardInterrupt:
             budget.save(place.out_dir)
-            driver.sync()
+            driver.finish_mirror(min(10.0, env_seconds(MIRROR_WAIT_ENV, 60.0)))
             console.print(f"[yellow]interrupted[/]: finished trials are in {place.out_dir}/trials.parquet; continue "
                           f"with `skinsweep sweep {recipe_path} --resume`" + "".join(f" --set {o}" for o in overrides)
                           + (f" --results-dir {place.out_dir}" if results_dir is not None else ""))
             raise SystemExit(130) from None
+        wait = env_seconds(MIRROR_WAIT_ENV, 60.0)
         try:
-            _reconcile(store, recipe, grid, place, resume=resume, console=console)
+            # trials whose checkpoint the object store could not give while it was unreachable
+            late = driver.retry_deferred(wait)
+            late = sorted(set(late) | set(_reconcile(store, recipe, grid, place, resume=resume, console=console)))
             budget.save(place.out_dir)
         except StoreWriteError as e:
             raise DataError(e.with_command(resume_cmd)) from None
-        driver.sync(final=True)
+        if late:
+            console.print(f"[yellow]warning[/]: the checkpoints of {', '.join(late)} are in {place.where} but could "
+                          f"not be fetched (the object store is unreachable); add them with {resume_cmd} once it is "
+                          "reachable", highlight=False, soft_wrap=True)
+        unmirrored = driver.finish_mirror(wait)
     finally:
+        driver.close()
         if address is None and not os.environ.get("RAY_ADDRESS"):
             import ray
 
@@ -283,7 +306,7 @@ def run_sweep(
                         wall_s=time.perf_counter() - t0,
                         storage_uri=place.remote.uri if place.remote is not None else None,
                         budget_s=budget.budget_s, budget_used_s=budget.used(),
-                        budget_spent=budget.spent() and len(df) < recipe.num_samples)
+                        budget_spent=budget.spent() and len(df) < recipe.num_samples, unmirrored=unmirrored)
 
 
 def _prepare_store(recipe, *, resume: bool, results_dir, console) -> _Place:
@@ -424,23 +447,59 @@ def _run(tuner, driver: SweepDriver, progress):
     """
     previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Tune logs a crashed trial (a lost node included) as an ERROR with a traceback; the progress view already
+    # shows it as one [retry] / FAILED line, and its error is recorded in trials.parquet.
+    # An object store that is down makes Tune log a traceback every time it saves its state; the progress view
+    # shows one line about it instead (the mirror's status), and Tune saves its state again once it is back.
+    quiet = [logging.getLogger(name) for name in ("ray.tune.execution.tune_controller",
+                                                  "ray.tune.execution.experiment_state", "ray.train._internal.storage",
+                                                  "ray.train._internal.syncer")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.CRITICAL)
     try:
         with driver, progress:
             return tuner.fit()
     finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
         if previous is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = previous
 
 
-def _reconcile(store, recipe, grid, place: _Place, *, resume: bool, console) -> None:
+def _results_after_outage(driver: SweepDriver, place: _Place, error: BaseException, console) -> list:
+    """``Tuner.fit`` ran every trial but could not read Ray Tune's final state back from the object store (it
+    was unreachable as the sweep ended). The trials Tune reported to the driver carry the same results (last
+    report, checkpoint, config): reconcile from those. Every trial that ended is in the local store already."""
+    from types import SimpleNamespace
+
+    from skinsweep.sweep.storage import brief_error
+
+    console.print(f"[yellow]warning[/]: {place.remote.uri} was unreachable as the sweep ended ({brief_error(error)}): "
+                  f"the trials are all in the local store {place.out_dir}, but Ray Tune's state in the object store "
+                  "is from before the outage (a later --resume may run the trials that ended during it again)",
+                  highlight=False, soft_wrap=True)
+    return [SimpleNamespace(metrics=t.last_result or {}, checkpoint=t.checkpoint, config=t.config)
+            for t in driver.trials.values()]
+
+
+def _reconcile(store, recipe, grid, place: _Place, *, resume: bool, console) -> list[str]:
     """Phase 5 — every finished trial is in the store exactly once: a trial Tune finished that the store
     lacks (the driver died between its end and its consolidation) is added from its checkpoint; on resume,
-    trials the restored Tune state did not know (their configurations were re-run) are dropped."""
+    trials the restored Tune state did not know (their configurations were re-run) are dropped. Returns the
+    ids of trials left out because the object store holding their checkpoints is unreachable."""
     known = store.trials().set_index("trial_id")
+    unreachable = []
     for result in grid:
-        add_if_missing(store, recipe, result, known, place.remote)
+        try:
+            add_if_missing(store, recipe, result, known, place.remote)
+        except storage_errors():
+            if place.remote is None:
+                raise
+            # the object store is unreachable: the trial stays in Ray's state there; run_sweep says to --resume
+            unreachable.append((result.metrics or {}).get("trial_id"))
     if resume:
         # A trial that finished (and reached the store) after Tune's last experiment snapshot is unknown
         # to the restored run, which ran a replacement: drop the orphan so the sweep has num_samples trials.
@@ -453,6 +512,7 @@ def _reconcile(store, recipe, grid, place: _Place, *, resume: bool, console) -> 
             store.remove_trials(orphans)
             for t in orphans:
                 shutil.rmtree(place.out_dir / CHECKPOINTS_DIR / t, ignore_errors=True)
+    return unreachable
 
 
 def _connect_ray(address: str | None) -> None:
