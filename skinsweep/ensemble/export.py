@@ -189,11 +189,14 @@ def _quiet():
             logging.getLogger("torch.onnx").setLevel(level)
 
 
-def _onnx_export(module, args: tuple, path: Path | None, names: list[str], *, opset: int, external: bool):
+def _onnx_export(module, args: tuple, path: Path | None, names: list[str], *, opset: int, external: bool,
+                 varargs: bool = True):
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=65536)
-    dynamic = (tuple({0: batch} for _ in args),)  # forward(*inputs): one entry, a tuple of per-input specs
+    dynamic = tuple({0: batch} for _ in args)
+    if varargs:  # forward(*inputs): one entry, the tuple of per-input specs
+        dynamic = (dynamic,)
     with _quiet():
         return torch.onnx.export(module, args, str(path) if path else None, dynamo=True, input_names=names,
                                  output_names=list(OUTPUTS) if path else None, dynamic_shapes=dynamic,
@@ -220,7 +223,7 @@ def _diagnose(bundle, error: BaseException, opset: int) -> str:
         member = _member_graph(model, mm["data_config"], s, mm.get("tta", "none")).eval()
         try:
             _onnx_export(member, (torch.zeros(2, s, s, 3, dtype=torch.uint8),), None, ["image"], opset=opset,
-                         external=False)
+                         external=False, varargs=False)
         except Exception as e:  # noqa: BLE001 - any exporter failure is reported in one line
             spec = mm.get("backbone", {})
             name = spec.get("name", "?") if isinstance(spec, dict) else str(spec)
