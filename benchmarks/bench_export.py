@@ -150,6 +150,8 @@ def main() -> None:
                 print(f"{label:24s}{tt * 1e3:9.1f} ms{to * 1e3:11.1f} ms{tt / to:17.2f}x")
             else:
                 print(f"{label:24s}{n / tt:7.1f} img/s{n / to:9.1f} img/s{tt / to:17.2f}x")
+        print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg())
+              + f" on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
