@@ -170,7 +170,7 @@ def test_predict_out_prints_a_summary_not_rows(tiny_sweep, tiny_ensembles, tmp_p
     assert len(re.findall(r"ISIC_\d+\.jpg", r.output)) == 20
 
     for out, message in [(tmp_path / "p.txt", "use a .csv or .parquet file name"),
-                         (tmp_path / "no" / "p.csv", "does not exist; choose a writable folder")]:
+                         (tmp_path / "no" / "p.csv", "does not exist); choose a writable folder")]:
         r = run("predict", bundle, folder, "--out", out)
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and message in lines[0], r.output
