@@ -238,3 +238,26 @@ def test_full_size_resnet18_at_224(tiny_sweep, tiny_ensembles, tmp_path):
     info = export_bundle_onnx(bundle, tmp_path / "onnx")
     assert [i["name"] for i in info["inputs"]] == ["image_224_squash", "image_32_squash"]
     _compare(bundle, tmp_path / "onnx", _images(tiny_sweep, 6))
+
+
+def test_a_member_that_resizes_matches_the_float_replay_of_pils_resize():
+    """image_size 40, input 32: the graph resizes in float with PIL's per-pass uint8 rounding (transforms._resize,
+    native=False) exactly, and stays within 2 uint8 levels of the uint8 kernels the bundle uses on a CPU."""
+    from skinsweep.data.transforms import DataConfig, _as_nchw, _normalize, _resize
+    from skinsweep.ensemble.export import _member_graph
+
+    class Grab(torch.nn.Module):
+        def forward(self, x):
+            self.x = x
+            return x.mean((1, 2, 3))
+
+    cfg = DataConfig(input_size=32, crop_pct=1.0)
+    grab = Grab()
+    graph = _member_graph(grab, cfg.to_dict(), 40, "none")
+    assert not graph.exact
+    x = torch.randint(0, 256, (4, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    graph(x)
+    levels = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
+    for native, most in ((False, 1e-3), (True, 2.0 + 1e-3)):
+        ref = _normalize(_resize(_as_nchw(x), (32, 32), "bicubic", native=native), cfg.mean, cfg.std, 255.0)
+        assert float(((grab.x - ref).abs() * levels).max()) <= most, native

@@ -18,7 +18,8 @@ The combiner and calibrator run in float64, as in :class:`~skinsweep.ensemble.bu
 graph reproduces ``Bundle.predict`` to float32 rounding of the members (tested to 1e-4). One exception:
 a member whose eval transform resizes (``image_size`` differs from ``input_size / crop_pct``) resizes
 in float with PIL's per-pass uint8 rounding, where the bundle on a CPU uses torch's uint8 kernels; the
-two differ by at most 2 uint8 levels on some pixels (``export.json`` says ``exact_preprocessing: false``).
+two differ by at most 2 uint8 levels on some pixels (measured: 1 level on 0.6% of the pixels of a 40 -> 32 px
+resize; ``export.json`` says ``exact_preprocessing: false``).
 """
 
 from __future__ import annotations
