@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -409,10 +410,21 @@ def predict(
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV with image_id (= file stem), age, sex, "
                                             "localization, as HAM10000_metadata.csv; needed by bundles that stack metadata."),
 ) -> None:
-    """Score images with a bundle: member probabilities, ensemble, calibrated probability, decision."""
+    """Score images with a bundle: member probabilities, ensemble, calibrated probability, decision.
+
+    With --out: every row goes to the file and a summary is printed (images scored, positive and negative
+    decisions, errors by kind); without it: the first 20 rows. The bundle's MODEL_CARD.md says what it is for.
+    """
     from skinsweep.ensemble.bundle import load_bundle, predict_files
     from skinsweep.ensemble.metadata import read_metadata_csv
 
+    if out_file:  # before scoring anything
+        if out_file.suffix not in (".csv", ".parquet"):
+            raise ConfigError(f"--out {out_file}: use a .csv or .parquet file name")
+        folder = out_file.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"cannot write --out {out_file} ({folder} {'is not writable' if folder.is_dir() else 'does not exist'}); "
+                              "choose a writable folder")
     b = load_bundle(bundle)
     if metadata and not b.metadata_features:
         err.print(f"[yellow]note:[/] bundle {bundle} uses no metadata; --metadata {metadata} is ignored",
@@ -425,15 +437,41 @@ def predict(
         err.print(f"[yellow]warning:[/] {n_nometa} of {len(df)} images have no row in {metadata}; scored with unknown "
                   f"{'/'.join(b.metadata_features)} (column metadata_missing)", highlight=False, soft_wrap=True)
     if out_file:
-        if out_file.suffix not in (".csv", ".parquet"):
-            raise ConfigError(f"--out {out_file}: use a .csv or .parquet file name")
-        df.to_parquet(out_file, index=False) if out_file.suffix == ".parquet" else df.to_csv(out_file, index=False)
-    shown = df[["image", "calibrated_prob", "decision", "error"]].head(20)
-    _print_frame(shown, title=f"{len(df):,} images, threshold {b.threshold:.4f}"
-                 + (f" — showing 20 (all in {out_file})" if len(df) > 20 and out_file else ""))
+        try:
+            df.to_parquet(out_file, index=False) if out_file.suffix == ".parquet" else df.to_csv(out_file, index=False)
+        except OSError as e:
+            raise ConfigError(f"cannot write --out {out_file} ({e.strerror or e}); choose a writable file") from None
+        _predict_summary(df, b.threshold, out_file)
+    else:
+        shown = df[["image", "calibrated_prob", "decision", "error"]].head(PREDICT_ROWS)
+        _print_frame(shown, title=f"{len(df):,} images, threshold {b.threshold:.4f}"
+                     + (f" — showing {PREDICT_ROWS} (--out FILE writes all)" if len(df) > PREDICT_ROWS else ""))
+    if (Path(bundle) / "MODEL_CARD.md").is_file():
+        out.print(f"model card (intended use, test results, limitations): {Path(bundle) / 'MODEL_CARD.md'}",
+                  highlight=False, markup=False, soft_wrap=True)
     if n_err:
         err.print(f"[bold red]error:[/] {n_err} of {len(df)} files could not be scored (see the error column)")
         raise typer.Exit(1)
+
+
+PREDICT_ROWS = 20  # rows `predict` prints without --out
+
+
+def _predict_summary(df, threshold: float, out_file: Path) -> None:
+    """`predict --out`: counts instead of one row per image."""
+    scored = df[df["error"].isna()]
+    pos = int((scored["decision"] == 1).sum())
+    kinds = df.loc[df["error"].notna(), "error"].astype(str).str.split(":").str[0].value_counts()
+    t = _table(f"predictions written to {escape(str(out_file))}", "", "count")
+    t.add_row("images", f"{len(df):,}")
+    t.add_row("scored", f"{len(scored):,}")
+    t.add_row(f"positive (calibrated_prob ≥ {threshold:.4g})", f"{pos:,}")
+    t.add_row("negative", f"{len(scored) - pos:,}")
+    for kind, n in kinds.items():
+        t.add_row(f"error: {escape(kind)}", f"{n:,}")
+    out.print(t)
+    out.print(f"threshold {threshold:.4g}; wrote {len(df):,} rows to {out_file}", highlight=False, markup=False,
+              soft_wrap=True)
 
 
 @app.command("report")
@@ -486,6 +524,11 @@ import skinsweep.cli_serve  # noqa: E402,F401  (serve)
 from skinsweep.cli_weights import weights_app  # noqa: E402
 
 app.add_typer(weights_app, name="weights")
+
+# `export` (ONNX) from cli_deploy.py
+from skinsweep.cli_deploy import register_deploy_commands  # noqa: E402
+
+register_deploy_commands(app)
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -136,3 +136,41 @@ def test_train_setting_errors_are_one_line(tmp_path, args, line):
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert re.fullmatch("error: " + line, lines[0]), lines[0]
+
+
+def test_predict_out_prints_a_summary_not_rows(tiny_sweep, tiny_ensembles, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    bundle = tiny_ensembles["stack"] / "bundle"
+    folder = tmp_path / "new"
+    folder.mkdir()
+    files = sorted((tiny_sweep["data"] / "ISIC2018_Task3_Training_Input").glob("*.jpg"))[:25]
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "empty.png").write_bytes(b"")
+    r = run("predict", bundle, folder, "--out", tmp_path / "p.csv")
+    assert r.exit_code == 1, r.output  # two files could not be scored
+    df = pd.read_csv(tmp_path / "p.csv")
+    scored = df[df["error"].isna()]
+    threshold = json.loads((bundle / "bundle.json").read_text())["threshold"]
+    pos = int((scored["calibrated_prob"] >= threshold).sum())
+    counts = {row[0].strip(): row[1].strip() for row in re.findall(r"│ ([^│]+?)\s+│\s+([\d,]+) │", r.output)}
+    assert counts["images"] == "27" and counts["scored"] == "25"
+    assert counts[f"positive (calibrated_prob ≥ {threshold:.4g})"] == str(pos) and counts["negative"] == str(25 - pos)
+    assert counts["error: UnidentifiedImageError"] == "2"
+    assert f"wrote 27 rows to {tmp_path / 'p.csv'}" in r.output and "2 of 27 files could not be scored" in r.output
+    assert "ISIC_" not in r.output  # no per-image rows
+    assert f"model card (intended use, test results, limitations): {bundle / 'MODEL_CARD.md'}" in r.output
+
+    r = run("predict", bundle, folder)  # without --out: the first 20 rows
+    assert r.exit_code == 1 and "showing 20 (--out FILE writes all)" in r.output
+    assert len(re.findall(r"ISIC_\d+\.jpg", r.output)) == 20
+
+    for out, message in [(tmp_path / "p.txt", "use a .csv or .parquet file name"),
+                         (tmp_path / "no" / "p.csv", "does not exist); choose a writable folder")]:
+        r = run("predict", bundle, folder, "--out", out)
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and message in lines[0], r.output

@@ -205,8 +205,9 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
         df = rows.assign(split=split, **raw, **{f"prob_{m}": P[:, j] for j, m in enumerate(members)},
                          ensemble_prob=sigmoid(ens), calibrated_prob=cal, decision=(cal >= thr).astype("int8"))
         table.append(df)
+    table = pd.concat(table, ignore_index=True)
     with atomic_path(out / PREDICTIONS) as tmp:
-        pd.concat(table, ignore_index=True).to_parquet(tmp, index=False)
+        table.to_parquet(tmp, index=False)
     from skinsweep.report.plots import ensemble_plots
 
     report["plots"] = ensemble_plots(out, yv, yt, member_test,
@@ -215,7 +216,7 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
         from skinsweep.ensemble.bundle import export_bundle
 
         report["bundle"] = str(export_bundle(out / "bundle", res, members, combiner, calibrator, thr, recipe, report,
-                                             metadata=meta.encoder if meta else None))
+                                             metadata=meta.encoder if meta else None, predictions=table))
     atomic_write_text(out / REPORT_JSON, json.dumps(json_safe(report), indent=2))
     return report
 

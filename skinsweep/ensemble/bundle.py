@@ -7,6 +7,8 @@ Layout::
                                      threshold, recipe, split/recipe hashes, library versions
     members/<trial_id>/model.json    the trial's own model description (as written by the trial)
     members/<trial_id>/checkpoint.safetensors
+    model_card.json, MODEL_CARD.md   the model card (:mod:`skinsweep.ensemble.model_card`): intended use, data,
+                                     members, test metrics with CIs, calibration, operating point, subgroups
     training_images.parquet          image_id, split, label, sha256 of every image of the members' split
                                      manifest (train/val/test; ``calibration`` rows after a recalibration),
                                      so ``skinsweep evaluate`` can tell when "external" data holds them;
@@ -49,14 +51,17 @@ def _sha256(path: Path) -> str:
 
 
 def export_bundle(folder: str | Path, results, members: list[str], combiner, calibrator, threshold: float,
-                  recipe, report: dict, *, metadata=None) -> Path:
+                  recipe, report: dict, *, metadata=None, predictions: pd.DataFrame | None = None) -> Path:
     """Write a bundle for ``members`` (trial ids of ``results``) with the fitted combiner/calibrator and,
     when the combiner stacks patient metadata, the fitted :class:`~skinsweep.ensemble.metadata.MetadataEncoder`.
 
     It also records what the bundle was fitted and tested on (``training`` in bundle.json and
     ``training_images.parquet``) and what it promised on its own test split (``promised``: the ensemble's
-    test metrics with CIs), which ``skinsweep evaluate`` checks new data against.
+    test metrics with CIs), which ``skinsweep evaluate`` checks new data against, and writes the model
+    card from ``report`` and ``predictions`` (the ensemble's per-image table; its test rows give the
+    subgroup results, with age / sex / site joined from the dataset index when the table lacks them).
     """
+    from skinsweep.ensemble.model_card import build_model_card, write_model_card
     from skinsweep.train.loop import versions
 
     folder = Path(folder)
@@ -94,8 +99,28 @@ def export_bundle(folder: str | Path, results, members: list[str], combiner, cal
                      "metrics": (report.get("test") or {}).get("ensemble")},
     }
     atomic_write_text(folder / BUNDLE_JSON, json.dumps(json_safe(meta), indent=2))
+    if predictions is not None:
+        predictions = _with_metadata(predictions, results, members)
+    write_model_card(folder, build_model_card(json.loads((folder / BUNDLE_JSON).read_text()), report, predictions))
     write_manifest(folder)
     return folder
+
+
+def _with_metadata(predictions: pd.DataFrame, results, members: list[str]) -> pd.DataFrame:
+    """``predictions`` with the dataset's age / sex / site joined on image_id where it lacks them (for the
+    card's subgroups); unchanged when the dataset is not readable here."""
+    from skinsweep.ensemble.metadata import members_index
+    from skinsweep.errors import SkinsweepError
+
+    missing = [c for c in ("age", "sex", "site") if c not in predictions]
+    if not missing:
+        return predictions
+    try:
+        index = members_index(results, members, what="model card")
+    except (SkinsweepError, OSError):
+        return predictions
+    cols = ["image_id"] + [c for c in missing if c in index.df]
+    return predictions.merge(index.df[cols], on="image_id", how="left")
 
 
 def write_manifest(folder: str | Path, **extra: Any) -> Path:
@@ -152,12 +177,14 @@ def training_record(results, members: list[str], split_hash: str | None) -> tupl
             manifest = get_or_create_split(index, seed=int(trial_value(trials, "split_seed", 0)))[0]
         if split_hash and manifest.hash != split_hash:
             raise DataError(f"the split found ({manifest.hash}) is not the members' split ({split_hash})")
+        info["split_mode"] = manifest.meta.get("mode")
         df = manifest.df[["image_id", "split", "label"]].merge(index.df[["image_id", "path"]], on="image_id")
         df = df.assign(label=df["label"].astype("int8"), sha256=file_sha256(df["path"].tolist())).drop(columns="path")
     except (SkinsweepError, OSError) as e:  # e.g. the dataset is not mounted where the ensemble is built
         info["note"] = f"no training record: {first_line(e)}"
         return None, info
     info.update(images=TRAINING_IMAGES, n={s: int((df["split"] == s).sum()) for s in ("train", "val", "test")},
+                n_pos={s: int(df.loc[df["split"] == s, "label"].sum()) for s in ("train", "val", "test")},
                 prevalence={s: float(df.loc[df["split"] == s, "label"].mean()) for s in ("train", "val", "test")
                             if (df["split"] == s).any()})
     return df.reset_index(drop=True), info

@@ -106,12 +106,33 @@ class Calibrator(SkinsweepEstimator):
         y = check_labels(y, z.shape[0], both_classes=self.uses_labels)
         return crossfit_predict(self, z, y, groups, method="predict_proba", n_splits=n_splits, seed=seed)
 
+    def torch_module(self):
+        """This fitted calibrator as a ``torch.nn.Module``: float64 logits (N,) -> probabilities (N,), the
+        same numbers as :meth:`predict_proba`, in ops ``torch.onnx`` exports (``skinsweep export``)."""
+        check_is_fitted(self)
+        return self._torch_module()
+
     # subclass hooks
     def _fit(self, z: np.ndarray, y: np.ndarray) -> None:
         pass
 
     def _predict(self, z: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _torch_module(self):
+        raise ConfigError(f"calibrator {self.kind!r} cannot be exported to ONNX; recalibrate the bundle with "
+                          "temperature, platt or isotonic (skinsweep recalibrate)")
+
+
+def _affine_sigmoid(scale: float, offset: float):
+    """``sigmoid(scale * z + offset)`` as a module (temperature and Platt scaling)."""
+    import torch
+
+    class AffineSigmoid(torch.nn.Module):
+        def forward(self, z):
+            return torch.sigmoid(z * scale + offset)
+
+    return AffineSigmoid()
 
 
 @register("none")
@@ -125,6 +146,9 @@ class NoCalibration(Calibrator):
 
     def _predict(self, z: np.ndarray) -> np.ndarray:
         return expit(z)
+
+    def _torch_module(self):
+        return _affine_sigmoid(1.0, 0.0)
 
 
 @register("temperature")
@@ -180,6 +204,9 @@ class TemperatureScaling(Calibrator):
     def _predict(self, z: np.ndarray) -> np.ndarray:
         return expit((z - self.shift_) / self.temperature_)
 
+    def _torch_module(self):
+        return _affine_sigmoid(1.0 / self.temperature_, -self.shift_ / self.temperature_)
+
 
 @register("platt")
 class PlattScaling(Calibrator):
@@ -207,6 +234,9 @@ class PlattScaling(Calibrator):
 
     def _predict(self, z: np.ndarray) -> np.ndarray:
         return expit(self.slope_ * z + self.intercept_)
+
+    def _torch_module(self):
+        return _affine_sigmoid(self.slope_, self.intercept_)
 
 
 @register("isotonic")
@@ -248,6 +278,35 @@ class IsotonicCalibration(Calibrator):
 
     def _predict(self, z: np.ndarray) -> np.ndarray:
         return np.interp(expit(z), self.X_thresholds_, self.y_thresholds_)
+
+    def _torch_module(self):
+        """``np.interp`` as a sum over the knots (ONNX has no searchsorted): from ``y[0]``, each segment of
+        positive width adds ``slope * (clip(p, x_k, x_k+1) - x_k)`` and each vertical step (a repeated x)
+        adds its jump once ``p >= x_k`` -- np.interp's value at a repeated knot is the last one's."""
+        import torch
+
+        x, y = self.X_thresholds_, self.y_thresholds_
+        dx, dy = np.diff(x), np.diff(y)
+        ramp = dx > 0
+
+        class PiecewiseLinear(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.y0 = float(y[0])
+                for name, v in {"lo": x[:-1][ramp], "hi": x[1:][ramp], "slope": dy[ramp] / np.where(ramp, dx, 1)[ramp],
+                                "step_at": x[:-1][~ramp], "step": dy[~ramp]}.items():
+                    self.register_buffer(name, torch.tensor(v, dtype=torch.float64))
+
+            def forward(self, z):
+                p = torch.sigmoid(z)[:, None]  # (N, 1) against (K,) knots
+                out = torch.full_like(z, self.y0)
+                if self.slope.numel():
+                    out = out + ((torch.minimum(torch.maximum(p, self.lo), self.hi) - self.lo) * self.slope).sum(1)
+                if self.step.numel():
+                    out = out + ((p >= self.step_at).to(z.dtype) * self.step).sum(1)
+                return out
+
+        return PiecewiseLinear()
 
     def _check_state(self) -> None:
         x, y = self.X_thresholds_, self.y_thresholds_

@@ -281,12 +281,50 @@ class Combiner(SkinsweepEstimator):
             raise ConfigError(f"extra has {E.shape[1]} columns but the combiner was fitted on {self.n_extra_}")
         return E
 
+    def torch_module(self):
+        """This fitted combiner as a ``torch.nn.Module``: ``forward(X (N, M) float64[, E (N, F)]) -> (N,)``
+        ensemble logits, the same numbers as :meth:`predict_logit`, in ops ``torch.onnx`` exports."""
+        check_is_fitted(self)
+        return self._torch_module()
+
     # subclass hooks
     def _fit(self, X: np.ndarray, y: np.ndarray, E: np.ndarray | None) -> None:
         pass
 
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
+
+    def _torch_module(self):
+        raise ConfigError(f"combiner {self.kind!r} cannot be exported to ONNX; rebuild the ensemble with "
+                          f"one of {', '.join(k for k in list_combiners() if k != self.kind)}")
+
+
+def _torch_combiner(kind: str, weights: np.ndarray | None = None, intercept: float = 0.0):
+    """The torch form of the combiners: ``logit_of_mean_prob`` (mean_prob, greedy), ``linear`` (mean_logit,
+    weighted, stacking: ``[X, E] @ weights + intercept``)."""
+    import torch
+
+    class TorchCombiner(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            w = np.asarray(weights, dtype=np.float64)
+            if kind == "logit_of_mean_prob":  # zero weights dropped, as _logit_of_mean_prob does
+                self.register_buffer("keep", torch.tensor(np.flatnonzero(w > 0), dtype=torch.int64))
+                w = w[w > 0]
+                self.register_buffer("log_w", torch.tensor(np.log(w), dtype=torch.float64))
+            else:
+                self.register_buffer("w", torch.tensor(w, dtype=torch.float64))
+
+        def forward(self, X, E=None):
+            if kind == "logit_of_mean_prob":
+                Xk = X.index_select(1, self.keep)
+                log_w = self.log_w
+                return (torch.logsumexp(torch.nn.functional.logsigmoid(Xk) + log_w, dim=1)
+                        - torch.logsumexp(torch.nn.functional.logsigmoid(-Xk) + log_w, dim=1))
+            Z = X if E is None else torch.cat([X, E], dim=1)
+            return Z @ self.w + intercept
+
+    return TorchCombiner()
 
 
 @register("mean_prob")
@@ -298,6 +336,9 @@ class MeanProb(Combiner):
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
         return _logit_of_mean_prob(X, np.full(X.shape[1], 1.0 / X.shape[1]))
 
+    def _torch_module(self):
+        return _torch_combiner("logit_of_mean_prob", np.full(self.n_members_, 1.0 / self.n_members_))
+
 
 @register("mean_logit")
 class MeanLogit(Combiner):
@@ -307,6 +348,9 @@ class MeanLogit(Combiner):
 
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
         return X.mean(axis=1)
+
+    def _torch_module(self):
+        return _torch_combiner("linear", np.full(self.n_members_, 1.0 / self.n_members_))
 
 
 @register("weighted")
@@ -361,6 +405,9 @@ class WeightedMean(Combiner):
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
         return X @ self.weights_
 
+    def _torch_module(self):
+        return _torch_combiner("linear", self.weights_)
+
     def _check_state(self) -> None:
         _check_weights(self.weights_, self.n_members_)  # validation only: loaded weights stay bit-exact
 
@@ -413,6 +460,9 @@ class Stacking(Combiner):
         Z = X if E is None else np.hstack([X, E])
         return Z @ self.coef_ + self.intercept_
 
+    def _torch_module(self):
+        return _torch_combiner("linear", self.coef_, self.intercept_)
+
     def _check_state(self) -> None:
         if self.coef_.shape != (self.n_members_ + self.n_extra_,):
             raise ConfigError("stacking combiner dict: coef needs n_members + n_extra entries")
@@ -452,6 +502,9 @@ class GreedyEnsemble(Combiner):
 
     def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
         return _logit_of_mean_prob(X, self.weights_)
+
+    def _torch_module(self):
+        return _torch_combiner("logit_of_mean_prob", self.weights_)
 
 
 def list_combiners() -> list[str]:

@@ -15,7 +15,8 @@ fitted on all the site's images.
 The new bundle is the parent's files with a new ``bundle.json`` (calibrator, threshold, ``parent``:
 its path and hash, ``calibrated_on``: the data, its hash and the settings, ``promised``: the
 out-of-fold numbers), the site's images added to ``training_images.parquet`` as ``calibration``, a
-``recalibration.json`` report and a before/after reliability plot, all under a new manifest.
+``recalibration.json`` report, a before/after reliability plot and a new model card (the new calibrator,
+threshold and calibration data; the parent's members and test results), all under a new manifest.
 """
 
 from __future__ import annotations
@@ -138,6 +139,13 @@ def recalibrate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *,
     report["plot"] = reliability(out, RELIABILITY_PNG, y, {"before (parent)": before, "after (out-of-fold)": oof},
                                  f"Reliability on {Path(report['data']).name}")
     atomic_write_text(out / RECALIBRATION_JSON, json.dumps(json_safe(report), indent=2))
+    from skinsweep.ensemble.model_card import build_model_card, load_model_card, write_model_card
+
+    # the card: the parent's members and test results, the new calibrator / threshold and their out-of-fold
+    # results and subgroups on the site (the parent's card, or a minimal one for bundles built before cards)
+    card = build_model_card(json.loads((out / BUNDLE_JSON).read_text()), json.loads((out / RECALIBRATION_JSON).read_text()),
+                            sc.rows.assign(calibrated_prob=oof), parent=load_model_card(parent, verify=False))
+    write_model_card(out, card)
     write_manifest(out, parent={"path": str(parent), "hash": report["parent_hash"]},
                    calibrated_on={"data": report["data"], "dataset_hash": sc.index.hash, "split": split})
     load_bundle(out)  # what was written loads and verifies
