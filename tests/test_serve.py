@@ -274,10 +274,12 @@ def test_explain_adds_a_heat_map_per_member(server, images):
 
 @pytest.mark.slow
 def test_info_health_docs_and_page(server, bundles):
-    from skinsweep.ensemble.bundle import bundle_hash
+    from skinsweep.ensemble.bundle import bundle_hash, load_bundle
 
     card = requests.get(f"{server}/v1/info", timeout=10).json()
-    assert card["minimal"] is True and card["name"] == "stack" and len(card["members"]) == 2
+    # the tiny test bundles have cards (built by export_bundle); what a card says is tested in test_model_card
+    assert card["generated_by"]["minimal"] is False and card["name"] == "stack" and len(card["members"]) == 2
+    assert card["operating_point"]["threshold"] == pytest.approx(load_bundle(bundles["stack"]).threshold)
     assert card["bundle_hash"] == bundle_hash(bundles["stack"])
     h = requests.get(f"{server}/healthz", timeout=10)
     assert h.status_code == 200 and h.json()["status"] == "ready" and h.json()["bundle"] == "stack"
@@ -289,7 +291,7 @@ def test_info_health_docs_and_page(server, bundles):
 
 
 def test_model_card_json_is_served_when_the_bundle_has_one(bundles, tmp_path):
-    from skinsweep.ensemble.bundle import load_bundle, write_manifest
+    from skinsweep.ensemble.bundle import bundle_hash, load_bundle, write_manifest
     from skinsweep.serve.service import Scorer
 
     b = tmp_path / "bundle"
@@ -297,7 +299,14 @@ def test_model_card_json_is_served_when_the_bundle_has_one(bundles, tmp_path):
     card = {"name": "stack", "intended_use": "research", "limitations": ["synthetic"]}
     (b / "model_card.json").write_text(json.dumps(card))
     write_manifest(b)
-    assert Scorer(load_bundle(b)).info() == card
+    served = Scorer(load_bundle(b)).info()
+    assert served == {**card, "bundle_hash": bundle_hash(b)}
+    # a bundle built before model cards: the minimal card from bundle.json
+    (b / "model_card.json").unlink()
+    (b / "MODEL_CARD.md").unlink(missing_ok=True)
+    write_manifest(b)
+    minimal = Scorer(load_bundle(b)).info()
+    assert minimal["generated_by"]["minimal"] is True and minimal["name"] == "stack"
 
 
 # ---- CLI --------------------------------------------------------------------------------------------
@@ -360,7 +369,7 @@ def test_page_in_a_browser_shows_the_apis_result(server, images, chromium, tmp_p
             page = browser.new_page()
             page.goto(f"{server}/")
             assert "not a diagnostic device" in page.inner_text("#notice")
-            page.wait_for_selector("#card-table tr[data-key=minimal]")
+            page.wait_for_selector("#card-table tr[data-key=intended_use]")
             page.set_input_files("#files", str(images[2]))
             page.check("#explain")
             page.click("#score")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import threading
 import unicodedata
@@ -26,7 +25,6 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-MODEL_CARD = "model_card.json"
 # Content types a browser or curl sends for an image file; anything else (text/plain, application/pdf …)
 # is refused before decoding, with 415.
 IMAGE_TYPES = ("image/", "application/octet-stream")
@@ -222,21 +220,13 @@ class Scorer:
 
 
 def model_card(bundle, bundle_hash: str) -> dict:
-    """``BUNDLE/model_card.json`` when the bundle has one, else a minimal card from bundle.json
-    (``"minimal": true``)."""
-    path = Path(bundle.path) / MODEL_CARD
-    if path.is_file():
-        return json.loads(path.read_text())
-    meta = bundle.meta
-    return {
-        "name": meta.get("name"), "bundle_hash": bundle_hash, "minimal": True,
-        "note": f"this bundle has no {MODEL_CARD}; the card lists only what bundle.json holds",
-        "members": [{"trial_id": e["trial_id"], "backbone": _backbone_name(e.get("model", {})),
-                     "mode": e.get("model", {}).get("mode")} for e in meta["members"]],
-        "combiner": (meta.get("combiner") or {}).get("kind") or (meta.get("combiner") or {}).get("type"),
-        "threshold": meta.get("threshold"), "threshold_rule": meta.get("threshold_rule"),
-        "metadata_features": bundle.metadata_features, "promised": meta.get("promised"),
-    }
+    """The bundle's model card (``model_card.json``; for a bundle built before cards, the minimal card
+    :func:`~skinsweep.ensemble.model_card.load_model_card` makes from bundle.json, ``generated_by.minimal``
+    true), with the bundle's hash added: the card is in the manifest, so it cannot hold that hash itself."""
+    from skinsweep.ensemble.model_card import load_model_card
+
+    card = load_model_card(bundle.path, verify=False)  # the replica verified the whole bundle on load
+    return {**card, "bundle_hash": bundle_hash}
 
 
 def _backbone_name(model_meta: dict) -> str | None:
