@@ -322,7 +322,7 @@ def test_budgeted_sweep_stops_launching_at_the_budget_and_leaves_a_complete_stor
     assert "time budget 1m00s: used 1m" in run.stdout and "the budget ended the sweep" in run.stdout
     res = load(storage / "first")
     t = res.trials
-    assert 2 < len(t) < 1000 and t["trial_id"].is_unique
+    assert 2 <= len(t) < 1000 and t["trial_id"].is_unique  # ≥ 2: on a loaded machine a minute holds only two
     assert set(t["status"]) <= {"completed", "pruned", "out_of_budget"}, t["status"].value_counts()
     started = pd.to_datetime(t["started_at"], utc=True).map(lambda x: x.timestamp())
     budget = json.loads((storage / "first" / BUDGET_JSON).read_text())
