@@ -80,8 +80,8 @@ def _duckdb_views(path: Path, *, predictions: bool):
     con.execute("CREATE VIEW trials AS SELECT * FROM _trials")
     if predictions:
         cols = ", ".join(_ident(c) for c in QUERY_PREDICTION_COLUMNS)
-        ids = trials["trial_id"].to_pylist()
-        files = [f for t in ids if (f := ResultsStore(path).predictions_dir / f"{t}.parquet").is_file()]
+        folder = ResultsStore(path).predictions_dir
+        files = [f for t in trials["trial_id"].to_pylist() if (f := folder / f"{t}.parquet").is_file()]
         if files:
             # explicit files of recorded trials: an orphan left by a crash is not read
             listing = ", ".join(_sql_str(f) for f in files)
