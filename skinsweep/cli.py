@@ -517,18 +517,12 @@ def _fmt(v) -> str:
     return escape(str(v))
 
 
-# Commands in their own modules, imported last (they use user_errors / out / err from here): the `weights`
-# sub-app, evaluate / recalibrate / compare (cli_eval registers them on `app` when imported), serve (cli_serve).
+# Commands in their own modules, imported last (they use app / user_errors / out / err from here) and
+# registered on `app` when imported: evaluate / recalibrate / compare, serve, the `weights` sub-app, export.
+import skinsweep.cli_deploy  # noqa: E402,F401  (export)
 import skinsweep.cli_eval  # noqa: E402,F401
 import skinsweep.cli_serve  # noqa: E402,F401  (serve)
-from skinsweep.cli_weights import weights_app  # noqa: E402
-
-app.add_typer(weights_app, name="weights")
-
-# `export` (ONNX) from cli_deploy.py
-from skinsweep.cli_deploy import register_deploy_commands  # noqa: E402
-
-register_deploy_commands(app)
+import skinsweep.cli_weights  # noqa: E402,F401  (weights fetch / check)
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -1,6 +1,6 @@
 """``skinsweep export``: a bundle as one ONNX graph (:mod:`skinsweep.ensemble.export`).
 
-Registered on :data:`skinsweep.cli.app` by :func:`register_deploy_commands` (cli.py calls it at its end).
+Registered on :data:`skinsweep.cli.app` when imported (cli.py imports this module at its end).
 Thin, like cli.py: the command parses options and calls one library function.
 """
 
@@ -8,28 +8,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable
 
 import typer
 
-
-def _cli():  # the shared consoles and error handling, imported late: cli.py imports this module
-    from skinsweep import cli
-
-    return cli
+from skinsweep.cli import app, err, out, user_errors
 
 
-def _user_errors(fn: Callable) -> Callable:
-    """skinsweep.cli.user_errors, looked up when the command runs."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return _cli().user_errors(fn)(*args, **kwargs)
-
-    return wrapper
-
-
-@_user_errors
+@app.command("export")
+@user_errors
 def export_cmd(
     bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Deployment bundle folder (skinsweep ensemble build's bundle/)."),
     fmt: str = typer.Option("onnx", "--format", help="Export format: onnx (the only one)."),
@@ -44,10 +30,9 @@ def export_cmd(
     """
     from skinsweep.ensemble.export import MODEL_ONNX, export_bundle_onnx
 
-    cli = _cli()
     info = export_bundle_onnx(bundle, out_dir, fmt=fmt, opset=opset,
-                              log=lambda m: cli.err.print(m, highlight=False, markup=False, soft_wrap=True))
-    say = functools.partial(cli.out.print, highlight=False, markup=False, soft_wrap=True)
+                              log=lambda m: err.print(m, highlight=False, markup=False, soft_wrap=True))
+    say = functools.partial(out.print, highlight=False, markup=False, soft_wrap=True)
     say(f"exported bundle {bundle} (hash {info['bundle_hash']}): {len(info['members'])} member(s), combiner "
         f"{info['combiner']}, calibrator {info['calibrator']}, opset {info['opset']}")
     for i in info["inputs"]:
@@ -60,7 +45,3 @@ def export_cmd(
     size = (Path(out_dir) / MODEL_ONNX).stat().st_size / 2**20
     say(f"wrote {out_dir}/{MODEL_ONNX} ({size:,.1f} MiB), export.json, manifest.json")
 
-
-def register_deploy_commands(app: typer.Typer) -> None:
-    """Add ``export`` to the ``skinsweep`` app (the serving command registers itself from cli_serve.py)."""
-    app.command("export")(export_cmd)

@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from skinsweep.cli import app, err, out, user_errors
+
 weights_app = typer.Typer(help="Pretrained weights for clusters without internet: fetch, copy, check.",
                           no_args_is_help=True)
 
 
-def _cli():  # the shared consoles and error handling, imported late: cli.py imports this module
-    from skinsweep import cli
-
-    return cli
-
-
-def _user_errors(fn: Callable) -> Callable:
-    """skinsweep.cli.user_errors, looked up when the command runs."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return _cli().user_errors(fn)(*args, **kwargs)
-
-    return wrapper
-
-
 @weights_app.command("fetch")
-@_user_errors
+@user_errors
 def fetch_cmd(
     names: List[str] = typer.Argument(..., metavar="BACKBONE...", help="Backbone names (see `skinsweep backbones`), "
                                       "or timm:NAME / open_clip:NAME@TAG."),
@@ -41,7 +26,6 @@ def fetch_cmd(
     """Download backbones' pretrained weights into a Hugging Face cache folder you can copy to a cluster."""
     from skinsweep.train.offline import fetch_weights, hub_cache_dir
 
-    out = _cli().out
     for f in fetch_weights(names, to):
         out.print(f"{f.backbone}: {f.repo_id}/{f.file} ({f.size / 2**20:,.1f} MiB) → {f.path}",
                   highlight=False, markup=False, soft_wrap=True)
@@ -52,7 +36,7 @@ def fetch_cmd(
 
 
 @weights_app.command("check")
-@_user_errors
+@user_errors
 def check_cmd(
     names: Optional[List[str]] = typer.Argument(None, metavar="[BACKBONE...]", help="Backbones to check (default: "
                                                 "every registered backbone with hub weights)."),
@@ -66,7 +50,6 @@ def check_cmd(
     """
     from skinsweep.train.offline import check_weights, hub_cache_dir
 
-    cli = _cli()
     rows = check_weights(names or None, cache, load=load)
     t = Table(title=f"pretrained weights in {hub_cache_dir(cache)} (offline)")
     for c in ("backbone", "hub repo", "present", "loads", "where"):
@@ -75,16 +58,18 @@ def check_cmd(
         loads = "-" if r.loads is None else "yes" if r.loads else f"[red]no[/]: {escape(r.error)}"
         t.add_row(r.backbone, r.repo_id, escape(r.file) if r.file else "[red]missing[/]", loads,
                   escape(r.path or "-"))
-    cli.out.print(t)
+    out.print(t)
     missing = [r.backbone for r in rows if r.file is None]
     broken = [r.backbone for r in rows if r.loads is False]
     if missing:
-        cli.err.print(f"{'' if names else 'note: '}missing: {' '.join(missing)}; on a machine with internet run "
+        err.print(f"{'' if names else 'note: '}missing: {' '.join(missing)}; on a machine with internet run "
                       f"`skinsweep weights fetch {' '.join(missing)} --to DIR` and copy DIR here "
                       "(HF_HOME=DIR or --cache DIR)", highlight=False, markup=False, soft_wrap=True)
     if broken:
-        cli.err.print(f"does not load: {' '.join(broken)} (see the loads column); fetch it again",
+        err.print(f"does not load: {' '.join(broken)} (see the loads column); fetch it again",
                       highlight=False, markup=False, soft_wrap=True)
     if broken or (missing and names):
         raise typer.Exit(1)
 
+
+app.add_typer(weights_app, name="weights")
