@@ -284,7 +284,7 @@ def test_combiner_errors(call, match: str) -> None:
 
 
 def test_registry_lists_every_combiner() -> None:
-    assert list_combiners() == ["greedy", "mean_logit", "mean_prob", "stacking", "weighted"]
+    assert list_combiners() == ["greedy", "greedy_meta", "mean_logit", "mean_prob", "stacking", "weighted"]
 
 
 def test_none_keywords_keep_the_default_behaviour() -> None:

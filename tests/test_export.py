@@ -122,14 +122,14 @@ def test_onnx_with_metadata_isotonic_and_tta_views(tiny_sweep, meta_bundle, tmp_
     assert np.abs(no_tta.filter(like="prob_").to_numpy() - got.filter(like="prob_").to_numpy()).max() > 1e-4
 
 
-@pytest.mark.parametrize("kind", ["mean_prob", "mean_logit", "weighted", "stacking", "greedy"])
+@pytest.mark.parametrize("kind", ["mean_prob", "mean_logit", "weighted", "stacking", "greedy", "greedy_meta"])
 def test_every_combiner_has_a_torch_form(kind):
     from skinsweep.ensemble.combiners import make_combiner
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 3)) * 3
     y = (X.sum(1) + rng.normal(size=200) > 1).astype(int)
-    E = rng.integers(0, 2, size=(200, 2)).astype(float) if kind == "stacking" else None
+    E = rng.integers(0, 2, size=(200, 2)).astype(float) if kind in ("stacking", "greedy_meta") else None
     c = make_combiner(kind).fit(X, y, extra=E)
     out = c.torch_module()(torch.tensor(X), None if E is None else torch.tensor(E)).numpy()
     np.testing.assert_allclose(out, c.predict_logit(X, extra=E), atol=1e-12)

@@ -185,6 +185,42 @@ def test_informative_metadata_improves_out_of_fold_validation(informative, tmp_p
     assert {"age", "sex", "site"} <= set(preds.columns)
 
 
+def test_greedy_selection_with_metadata(informative, noise, tmp_path):
+    """members.rule greedy + combiner.metadata: Caruana weights, then a regression on [greedy logit,
+    metadata], both re-run per fold; informative metadata helps out of fold, noise metadata does not."""
+    from sklearn.metrics import roc_auc_score
+
+    from skinsweep.ensemble.build import build_ensemble
+    from skinsweep.ensemble.combiners import Combiner
+
+    def build(results, name, metadata):
+        body = {"name": name, "members": {"rule": "greedy", "top_n": 2, "n_iter": 5},
+                "combiner": {"metadata": metadata}, "report": {"n_boot": 100}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(body))
+        return build_ensemble(path, results, out=tmp_path / name, bundle=False)
+
+    for (data, results), gain in ((informative, 0.1), (noise, None)):
+        base, meta = build(results, "g", []), build(results, "gm", ["age", "sex", "site"])
+        assert base["combiner"]["kind"] == "greedy" and meta["combiner"]["kind"] == "greedy_meta"
+        oof = {k: r["val"]["ensemble_uncalibrated"]["auc"] for k, r in (("base", base), ("meta", meta))}
+        if gain:
+            assert oof["meta"] > oof["base"] + gain, oof
+        else:
+            assert oof["meta"] <= oof["base"] + 0.01, oof
+        state = meta["combiner"]["state"]
+        assert len(state["coef"]) == 1 + len(meta["metadata"]["columns"]) and len(state["weights"]) == len(meta["members"])
+    # the stored combiner (what a bundle loads) reproduces the report's test scores
+    from skinsweep.ensemble.metadata import MetadataEncoder
+
+    preds = pd.read_parquet(tmp_path / "gm" / "predictions.parquet")
+    test = preds[preds["split"] == "test"]
+    P = test[[f"prob_{m['trial_id']}" for m in meta["members"]]].to_numpy()
+    extra = MetadataEncoder.from_dict(meta["metadata"]["encoder"]).transform(test)
+    logit = Combiner.from_dict(meta["combiner"]).predict_logit(np.log(P / (1 - P)), extra=extra)
+    assert roc_auc_score(test["label"], logit) == pytest.approx(meta["test"]["ensemble"]["auc"]["estimate"], abs=1e-9)
+
+
 def test_encoder_is_fitted_on_validation_rows_only(informative, tmp_path):
     data, results = informative
     rep = _build(tmp_path, results, "meta", metadata=["age", "site"])
@@ -227,7 +263,6 @@ def test_noise_metadata_does_not_leak_into_validation_scores(noise, tmp_path):
      r"\[combiner.metadata\] combiner.metadata is only used by combiner.type stacking \(type is mean_prob\)"),
     ({"combiner": {"metadata": ["age", "age"]}}, r"lists a feature twice"),
     ({"combiner": {"metadata": ["bmi"]}}, r"\[combiner.metadata\[0\]\] Input should be 'age', 'sex' or 'site'"),
-    ({"members": {"rule": "greedy"}, "combiner": {"metadata": ["sex"]}}, r"cannot be used with members.rule greedy"),
 ])
 def test_invalid_metadata_recipes(tmp_path, section, message):
     from skinsweep.ensemble.build import load_ensemble_recipe

@@ -141,8 +141,11 @@ def build_ensemble(recipe_path: str | Path, results_dir: str | Path, *, out: str
     # ---- 3. combine (cross-fitted on val: out-of-fold logits for honest validation scores) ----------
     if recipe.members.rule == "greedy":
         # Caruana selection averages probabilities; cross-fitting re-runs the selection in every fold
-        combiner = make_combiner("greedy", metric=recipe.members.metric, n_iter=recipe.members.n_iter,
-                                 top_n=None)  # candidates are already the top_n trials by members.by
+        # candidates are already the top_n trials by members.by; with metadata, a regression on
+        # [greedy logit, age/sex/site] follows the selection (both re-run in every fold)
+        greedy = {"metric": recipe.members.metric, "n_iter": recipe.members.n_iter, "top_n": None}
+        combiner = (make_combiner("greedy_meta", C=recipe.combiner.C, **greedy) if recipe.combiner.metadata
+                    else make_combiner("greedy", **greedy))
     else:
         combiner = make_combiner(recipe.combiner.type, **({"C": recipe.combiner.C} if recipe.combiner.type == "stacking" else {}))
     ens_val = combiner.fit_crossfit(Xv, yv, gv, n_splits=recipe.combiner.n_splits, seed=recipe.seed,

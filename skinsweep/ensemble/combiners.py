@@ -17,12 +17,13 @@ name             ensemble logit                                                f
 ``weighted``     sum_j w_j x_j, w >= 0, sum w = 1 (given, or min. log-loss)    unless given
 ``stacking``     logistic regression on [x, extra] (extra: (N, F) metadata)    yes
 ``greedy``       logit(sum_j w_j sigmoid(x_j)), w from Caruana selection       yes
+``greedy_meta``  logistic regression on [greedy logit, extra]                  yes
 ===============  ============================================================  ===============
 
 Every combiner has the same API (``fit``, ``predict_logit``, ``fit_crossfit``, ``to_dict`` /
 ``Combiner.from_dict``: the contract of :mod:`skinsweep.ensemble.estimator`) so callers treat them
 uniformly. ``fit`` records the member count, so predicting with a different member set fails
-loudly. Only ``stacking`` accepts ``extra``.
+loudly. Only ``stacking`` and ``greedy_meta`` accept ``extra``.
 
 Honest validation scores: ``fit_crossfit`` returns out-of-fold logits, each row scored by a copy
 fitted without its lesion (:func:`skinsweep.ensemble.estimator.crossfit_predict`). This protects
@@ -59,6 +60,7 @@ from skinsweep.errors import ConfigError
 __all__ = [
     "Combiner",
     "GreedyEnsemble",
+    "GreedyMeta",
     "GreedyResult",
     "MeanLogit",
     "MeanProb",
@@ -505,6 +507,61 @@ class GreedyEnsemble(Combiner):
 
     def _torch_module(self):
         return _torch_combiner("logit_of_mean_prob", self.weights_)
+
+
+@register("greedy_meta")
+class GreedyMeta(GreedyEnsemble):
+    """Greedy selection, then patient metadata: ``[g, extra] @ coef_ + intercept_`` with ``g`` the
+    :class:`GreedyEnsemble` logit.
+
+    Caruana selection weighs the members (robust with many correlated members, where a stacker's
+    member weights are noisy); a :class:`Stacking` regression on two blocks -- the one greedy logit and
+    the metadata columns -- then learns how much age, sex and site add. In ``fit_crossfit`` both steps
+    are re-run in every fold, so the out-of-fold scores include the selection's and the regression's
+    overfitting. Without ``extra`` the regression is fitted on ``g`` alone.
+
+    Parameters: those of :class:`GreedyEnsemble`, and ``C`` of :class:`Stacking`.
+
+    Fitted state: ``weights_`` (M,), ``coef_`` (1 + F,), ``intercept_``, ``n_extra_``.
+    """
+
+    accepts_extra = True
+    state_fields = {**GreedyEnsemble.state_fields, "coef": float_array, "intercept": float, "n_extra": int}
+
+    def __init__(self, *, metric: Literal["auc", "ap"] = "auc", n_iter: int = 50, top_n: int | None = None,
+                 with_replacement: bool = True, C: float = 1.0) -> None:
+        super().__init__(metric=metric, n_iter=n_iter, top_n=top_n, with_replacement=with_replacement)
+        self.C = C
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, E: np.ndarray | None) -> None:
+        super()._fit(X, y, E)
+        g = super()._predict(X, None)[:, None]
+        stack = Stacking(C=self.C).fit(g, y, extra=E)
+        self.coef_, self.intercept_, self.n_extra_ = stack.coef_, stack.intercept_, stack.n_extra_
+
+    def _predict(self, X: np.ndarray, E: np.ndarray | None) -> np.ndarray:
+        g = super()._predict(X, None)[:, None]
+        return (g if E is None else np.hstack([g, E])) @ self.coef_ + self.intercept_
+
+    def _torch_module(self):
+        import torch
+
+        greedy, linear = _torch_combiner("logit_of_mean_prob", self.weights_), _torch_combiner("linear", self.coef_, self.intercept_)
+
+        class TorchGreedyMeta(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.greedy, self.linear = greedy, linear
+
+            def forward(self, X, E=None):
+                return self.linear(self.greedy(X).unsqueeze(1), E)
+
+        return TorchGreedyMeta()
+
+    def _check_state(self) -> None:
+        GreedyEnsemble._check_state(self)
+        if self.coef_.shape != (1 + self.n_extra_,):
+            raise ConfigError("greedy_meta combiner dict: coef needs 1 + n_extra entries")
 
 
 def list_combiners() -> list[str]:

@@ -89,13 +89,6 @@ class EnsembleRecipe(Strict):
     report: ReportSpec = ReportSpec()
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _greedy_has_no_metadata(self) -> "EnsembleRecipe":
-        if self.combiner.metadata and self.members.rule == "greedy":
-            raise FieldError("combiner.metadata", "combiner.metadata cannot be used with members.rule greedy (it averages probabilities); "
-                             "use another members.rule with combiner.type stacking, or drop combiner.metadata")
-        return self
-
     @property
     def hash(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
