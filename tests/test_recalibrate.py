@@ -63,6 +63,30 @@ def test_recalibration_lowers_ece_and_keeps_auc(recalibrated, tiny_ensembles, si
     np.testing.assert_allclose(p_new["ensemble_prob"], p_old["ensemble_prob"], atol=1e-12)  # combiner untouched
 
 
+def test_after_sensitivity_is_out_of_fold(recalibrated, tiny_ensembles, sites, tmp_path):
+    """The "after" operating point: every fold's images judged by a calibrator and threshold fitted on the
+    other folds (recomputed here from the parent's scores), not by the threshold chosen on all rows, which
+    meets the target sensitivity on those rows by construction."""
+    from skinsweep.ensemble.calibrators import choose_threshold, make_calibrator
+    from skinsweep.ensemble.estimator import crossfit_folds
+    from skinsweep.ensemble.evaluate import evaluate_bundle
+
+    rep, _ = recalibrated
+    evaluate_bundle(tiny_ensembles["stack"] / "bundle", sites[0], out=tmp_path / "b", n_boot=N_BOOT, page=False)
+    rows = pd.read_parquet(tmp_path / "b" / "predictions.parquet")
+    y, p = rows["label"].to_numpy(int), rows["ensemble_prob"].to_numpy(float)
+    z = np.log(p / (1 - p))
+    target = rep["threshold"]["target_sensitivity"]
+    decided = np.zeros(len(y), bool)
+    for fit, score in crossfit_folds(y, rows["lesion_id"].to_numpy(), n_splits=rep["n_splits"], seed=rep["seed"]):
+        cal = make_calibrator(rep["method"]).fit(z[fit], y[fit])
+        decided[score] = cal.predict_proba(z[score]) >= choose_threshold(y[fit], cal.predict_proba(z[fit]),
+                                                                         target_sensitivity=target)
+    assert rep["after"]["recall"]["estimate"] == pytest.approx(decided[y == 1].mean(), abs=1e-9)
+    assert rep["after"]["specificity"]["estimate"] == pytest.approx(1 - decided[y == 0].mean(), abs=1e-9)
+    assert rep["after"]["recall"]["lo"] <= rep["after"]["recall"]["estimate"] <= rep["after"]["recall"]["hi"]
+
+
 def test_new_bundle_records_parent_and_data(recalibrated, tiny_ensembles, sites):
     from skinsweep.ensemble.bundle import bundle_hash, load_bundle
 

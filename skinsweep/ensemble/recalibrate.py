@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from skinsweep.errors import ConfigError
@@ -85,13 +86,20 @@ def recalibrate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *,
     # ---- refit calibrator + threshold, cross-fitted by lesion -------------------------------------
     cal = make_calibrator(method)
     oof = cal.fit_crossfit(z, y, groups, n_splits=n_splits, seed=seed)  # cal ends fitted on all rows
-    thr = float(choose_threshold(y, oof, target_sensitivity=target_sensitivity))
+    thr = float(choose_threshold(y, oof, target_sensitivity=target_sensitivity))  # the deployed threshold
     deployed = cal.predict_proba(z)
+    decided = _out_of_fold_decisions(method, z, y, groups, target_sensitivity, n_splits=n_splits, seed=seed)
 
     # ---- before / after ---------------------------------------------------------------------------
     ci = bootstrap_metrics(y, {"before": before, "after": oof}, groups=groups,
                            threshold={"before": b.threshold, "after": thr}, n_boot=n_boot, seed=seed)
     table = {m: t.set_index("metric")[["estimate", "lo", "hi"]].to_dict("index") for m, t in ci.groupby("model")}
+    # "after" at a threshold: each fold's decisions come from a threshold chosen without that fold (the same
+    # lesion resamples, so still paired with "before"); a threshold picked on all rows would meet the target
+    # sensitivity on them by construction
+    at_thr = bootstrap_metrics(y, {"after": decided}, groups=groups, threshold=0.5, n_boot=n_boot, seed=seed)
+    table["after"].update({k: v for k, v in at_thr.set_index("metric")[["estimate", "lo", "hi"]].to_dict("index").items()
+                           if k in DECISION_METRICS})
     calib = {"before": calibration_fit(y, before, groups=groups, n_boot=n_boot, seed=seed),
              "after": calibration_fit(y, oof, groups=groups, n_boot=n_boot, seed=seed)}
     prevalence = float(y.mean())
@@ -152,6 +160,24 @@ def recalibrate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *,
     return report
 
 
+DECISION_METRICS = ("accuracy", "precision", "recall", "specificity", "f1")
+
+
+def _out_of_fold_decisions(method: str, z: np.ndarray, y: np.ndarray, groups, target_sensitivity: float, *,
+                           n_splits: int, seed: int) -> np.ndarray:
+    """0/1 decisions, each row's from a calibrator and threshold fitted on the other folds (the folds of
+    ``fit_crossfit``), so the reported sensitivity / specificity at the threshold are out-of-fold too."""
+    from skinsweep.ensemble.calibrators import choose_threshold, make_calibrator
+    from skinsweep.ensemble.estimator import crossfit_folds
+
+    decided = np.zeros(len(y), dtype=np.float64)
+    for fit, score in crossfit_folds(y, groups, n_splits=n_splits, seed=seed):
+        cal = make_calibrator(method).fit(z[fit], y[fit])
+        t = choose_threshold(y[fit], cal.predict_proba(z[fit]), target_sensitivity=target_sensitivity)
+        decided[score] = cal.predict_proba(z[score]) >= t
+    return decided
+
+
 def comparison_rows(rep: dict) -> list[tuple[str, str, str]]:
     """(measure, before, after) rows of the before/after table, formatted."""
     from skinsweep.metrics import format_ci
@@ -169,4 +195,4 @@ def comparison_rows(rep: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-__all__ = ["METHODS", "comparison_rows", "recalibrate_bundle"]
+__all__ = ["DECISION_METRICS", "METHODS", "comparison_rows", "recalibrate_bundle"]
