@@ -242,3 +242,32 @@ def test_metadata_bundle_reads_age_sex_site_from_the_data(tiny_sweep, site, tmp_
     ev = evaluate_bundle(rep["bundle"], tmp_path / "plain.csv", out=tmp_path / "p", n_boot=N_BOOT, page=False)
     line = next(f["message"] for f in ev["flags"] if f["kind"] == "metadata")
     assert line.startswith("8 of 8 images have none of the patient metadata")
+
+
+def _ev(slope=(1.0, 0.9, 1.1), intercept=(0.0, -0.1, 0.1), sens=(0.95, 0.9, 0.99), promised=0.95) -> dict:
+    ci = lambda t: dict(zip(("estimate", "lo", "hi"), t))
+    return {"prevalence": {"here": 0.11, "training": 0.11},
+            "calibration": {"slope": ci(slope), "intercept": ci(intercept)},
+            "promised": {"metrics": {"recall": {"estimate": promised}}},
+            "metrics": {"ensemble": {"recall": ci(sens)}}, "n": {"images": 100},
+            "leakage": {"checked": True, "fit": 0, "test": 0}}
+
+
+@pytest.mark.parametrize("changes, kinds, words", [
+    ({}, [], None),
+    ({"slope": (0.6, 0.4, 0.8)}, ["calibration_slope"], "too extreme"),
+    ({"slope": (1.5, 1.2, 1.8)}, ["calibration_slope"], "too timid"),
+    ({"slope": (0.6, 0.3, 1.05)}, [], None),                 # far from 1, but the CI holds 1
+    ({"slope": (0.85, 0.8, 0.9)}, [], None),                 # the CI excludes 1, but within 1 ± 0.2
+    ({"intercept": (0.9, 0.5, 1.3)}, ["calibration_intercept"], "underestimates"),
+    ({"intercept": (-0.9, -1.3, -0.5)}, ["calibration_intercept"], "overestimates"),
+    ({"sens": (0.80, 0.70, 0.90)}, ["sensitivity"], "below the 0.950 it promised"),
+    ({"sens": (0.88, 0.78, 0.96)}, [], None),                # lower, but the CI reaches the promise
+])
+def test_calibration_and_sensitivity_flags(changes, kinds, words):
+    from skinsweep.ensemble.evaluate import make_flags
+
+    flags = make_flags(_ev(**changes))
+    assert [f["kind"] for f in flags] == kinds
+    if words:
+        assert words in flags[0]["message"] and "\n" not in flags[0]["message"]
