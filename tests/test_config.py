@@ -71,8 +71,8 @@ BAD = [  # (loader, recipe body, --set items, dotted field, message regex)
     ("sweep", changed(SWEEP, search__space__lr={"float": [1e-3, 1e-5]}), [], "search.space.lr.float",
      r"low 0\.001 must be below high 1e-05; swap them"),
     ("ensemble", changed(ENSEMBLE, members={"rule": "explicit"}), [], "members.trials", r"rule explicit needs .*"),
-    ("ensemble", changed(ENSEMBLE, members={"rule": "greedy"}, combiner={"metadata": ["age"]}), [],
-     "combiner.metadata", r"combiner\.metadata cannot be used with members\.rule greedy.*"),
+    ("ensemble", changed(ENSEMBLE, members={"rule": "top_k"}, combiner={"type": "mean_prob", "metadata": ["age"]}), [],
+     "combiner.metadata", r"combiner\.metadata is only used by combiner\.type stacking or members\.rule greedy.*"),
 ]
 
 

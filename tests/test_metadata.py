@@ -260,7 +260,7 @@ def test_noise_metadata_does_not_leak_into_validation_scores(noise, tmp_path):
 
 @pytest.mark.parametrize("section, message", [
     ({"combiner": {"type": "mean_prob", "metadata": ["age"]}},
-     r"\[combiner.metadata\] combiner.metadata is only used by combiner.type stacking \(type is mean_prob\)"),
+     r"\[combiner.metadata\] combiner.metadata is only used by combiner.type stacking or members.rule greedy \(type is mean_prob"),
     ({"combiner": {"metadata": ["age", "age"]}}, r"lists a feature twice"),
     ({"combiner": {"metadata": ["bmi"]}}, r"\[combiner.metadata\[0\]\] Input should be 'age', 'sex' or 'site'"),
 ])

@@ -42,9 +42,6 @@ class CombinerSpec(Strict):
 
     @model_validator(mode="after")
     def _metadata_needs_stacking(self) -> "CombinerSpec":
-        if self.metadata and self.type != "stacking":
-            raise FieldError("metadata", f"combiner.metadata is only used by combiner.type stacking (type is {self.type}); "
-                             "set combiner.type: stacking or drop combiner.metadata")
         if len(set(self.metadata)) != len(self.metadata):
             raise FieldError("metadata", f"combiner.metadata lists a feature twice ({self.metadata}); list each of age, sex, site once")
         return self
@@ -88,6 +85,15 @@ class EnsembleRecipe(Strict):
     threshold: ThresholdSpec = ThresholdSpec()
     report: ReportSpec = ReportSpec()
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _metadata_needs_a_regression(self) -> "EnsembleRecipe":
+        c = self.combiner
+        if c.metadata and c.type != "stacking" and self.members.rule != "greedy":
+            raise FieldError("combiner.metadata", f"combiner.metadata is only used by combiner.type stacking or members.rule "
+                             f"greedy (type is {c.type}, rule {self.members.rule}); set combiner.type: stacking or drop "
+                             "combiner.metadata")
+        return self
 
     @property
     def hash(self) -> str:
