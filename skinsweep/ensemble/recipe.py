@@ -41,7 +41,7 @@ class CombinerSpec(Strict):
         [], description="stacking: patient metadata from the sweep's dataset index, stacked with the member logits")
 
     @model_validator(mode="after")
-    def _metadata_needs_stacking(self) -> "CombinerSpec":
+    def _distinct_metadata(self) -> "CombinerSpec":
         if len(set(self.metadata)) != len(self.metadata):
             raise FieldError("metadata", f"combiner.metadata lists a feature twice ({self.metadata}); list each of age, sex, site once")
         return self
