@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--sweep", type=Path, help="the sweep's results folder (for its wall time and trial counts)")
     ap.add_argument("--n-boot", type=int, default=2000)
     args = ap.parse_args()
-    for f in [e / "predictions.parquet" for e in args.ensemble] + [args.baseline / "predictions.parquet"]:
+    needed = [e / n for e in args.ensemble for n in ("predictions.parquet", "report.json")]
+    for f in needed + [args.baseline / "predictions.parquet"]:
         if not f.is_file():
             sys.exit(f"error: {f} not found; run the commands in this script's docstring first")
 
@@ -82,7 +83,6 @@ def main() -> None:
         probs[f"best member {best}"] = ens[f"prob_{best}"].to_numpy()
 
     ci = bootstrap_metrics(y, probs, groups=ens["lesion_id"].to_numpy(), n_boot=args.n_boot, seed=0)
-    dl = delong_test(y, probs["ensemble"], probs["baseline"])
     print(f"test split: {len(y)} images, {int(y.sum())} melanoma; 95% CIs from {args.n_boot} lesion-level "
           "bootstrap resamples (paired)")
     print(f"ensemble: {chosen} ({len(report['members'])} members: "
@@ -91,12 +91,12 @@ def main() -> None:
         t = ci[ci["model"] == name].set_index("metric")
         fmt = lambda k: f"{t.loc[k, 'estimate']:.3f} [{t.loc[k, 'lo']:.3f}, {t.loc[k, 'hi']:.3f}]"
         print(f"  {name:24s} AUC {fmt('auc')}   AP {fmt('ap')}   ECE {expected_calibration_error(y, p):.3f}")
-    print(f"paired DeLong, ensemble − baseline: ΔAUC {dl['diff']:+.4f} [{dl['ci_lo']:+.4f}, {dl['ci_hi']:+.4f}], "
-          f"z {dl['z']:.2f}, p {dl['p_value']:.4f}")
-    for name in (n for n in probs if n.startswith("other: ")):
+    for name in ["ensemble"] + [n for n in probs if n.startswith("other: ")]:
         d = delong_test(y, probs[name], probs["baseline"])
-        print(f"paired DeLong, {name[7:]} − baseline: ΔAUC {d['diff']:+.4f} [{d['ci_lo']:+.4f}, {d['ci_hi']:+.4f}], "
-              f"z {d['z']:.2f}, p {d['p_value']:.4f}")
+        print(f"paired DeLong, {name.removeprefix('other: ')} − baseline: ΔAUC {d['diff']:+.4f} "
+              f"[{d['ci_lo']:+.4f}, {d['ci_hi']:+.4f}], z {d['z']:.2f}, p {d['p_value']:.4f}")
+        if name == "ensemble":
+            dl = d
 
     e = ci[ci["model"] == "ensemble"].set_index("metric")["estimate"]
     ece = expected_calibration_error(y, probs["ensemble"])
